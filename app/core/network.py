@@ -1,0 +1,187 @@
+"""ReLU networks and their decoupled pair: a frozen PathSelector and a gated Estimator.
+
+For hidden layer l the selector computes its own pre-activation z_l^S and the gate
+g_l = 1[z_l^S > 0]; the estimator computes h_l = g_l ⊙ (W_l^E h_{l-1} + b_l^E) from its own
+previous layer. Max-pools in the estimator gather at the selector's argmax indices. Given
+the structure, nothing in the estimator depends non-linearly on x.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from app.core.spec import ArchSpec, StructureLayout
+from app.core.structure import PackedStructure, Structure, pack, unpack
+
+
+class ReLUNet(nn.Module):
+    """A plain ReLU network built from an :class:`ArchSpec`."""
+
+    def __init__(self, spec: ArchSpec, seed: int | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layout = StructureLayout.of(spec)
+        generator_state = torch.random.get_rng_state()
+        if seed is not None:
+            torch.manual_seed(seed)
+        blocks: list[nn.Module] = []
+        prev = tuple(spec.input_shape)
+        for layer, shape in zip(spec.layers, spec.shapes(), strict=True):
+            if layer["type"] == "linear":
+                blocks.append(nn.Linear(prev[0], int(layer["out"])))
+            elif layer["type"] == "conv":
+                blocks.append(nn.Conv2d(prev[0], int(layer["out"]), int(layer["kernel"]),
+                                        stride=int(layer.get("stride", 1)),
+                                        padding=int(layer.get("padding", 0))))
+            else:
+                blocks.append(nn.Identity())  # keeps layer indices aligned with the spec
+            prev = shape
+        if seed is not None:
+            torch.random.set_rng_state(generator_state)
+        self.blocks = nn.ModuleList(blocks)
+
+    def _reshape_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.spec.input_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._reshape_input(x)
+        for layer, block in zip(self.spec.layers, self.blocks, strict=True):
+            kind = layer["type"]
+            if kind == "relu":
+                h = F.relu(h)
+            elif kind == "maxpool":
+                k = int(layer["kernel"])
+                h = F.max_pool2d(h, k, int(layer.get("stride", k)))
+            elif kind == "flatten":
+                h = h.flatten(1)
+            else:
+                h = block(h)
+        return h
+
+    def forward_with_structure(self, x: torch.Tensor) -> tuple[torch.Tensor, Structure]:
+        """Plain forward that also records every gate and every max-pool argmax."""
+        h = self._reshape_input(x)
+        gates: list[torch.Tensor] = []
+        pools: list[torch.Tensor] = []
+        for layer, block in zip(self.spec.layers, self.blocks, strict=True):
+            kind = layer["type"]
+            if kind == "relu":
+                gate = h > 0
+                gates.append(gate)
+                h = h * gate
+            elif kind == "maxpool":
+                k = int(layer["kernel"])
+                h, idx = F.max_pool2d(h, k, int(layer.get("stride", k)), return_indices=True)
+                pools.append(idx)
+            elif kind == "flatten":
+                h = h.flatten(1)
+            else:
+                h = block(h)
+        return h, Structure(gates, pools)
+
+    def gated_forward(self, x: torch.Tensor, structure: Structure) -> torch.Tensor:
+        """Forward with every ReLU replaced by the given gate and every max-pool by a gather."""
+        h = self._reshape_input(x)
+        gate_i = pool_i = 0
+        for layer, block in zip(self.spec.layers, self.blocks, strict=True):
+            kind = layer["type"]
+            if kind == "relu":
+                h = h * structure.gates[gate_i].to(h.dtype)
+                gate_i += 1
+            elif kind == "maxpool":
+                idx = structure.pool_indices[pool_i]
+                n, c = idx.shape[:2]
+                h = h.flatten(2).gather(2, idx.flatten(2)).view(n, c, *idx.shape[2:])
+                pool_i += 1
+            elif kind == "flatten":
+                h = h.flatten(1)
+            else:
+                h = block(h)
+        return h
+
+    def param_vector(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.parameters()])
+
+
+class PathSelector(nn.Module):
+    """A frozen ReLU net used only for its structure (gates + max-pool choices)."""
+
+    def __init__(self, net: ReLUNet) -> None:
+        super().__init__()
+        self.net = copy.deepcopy(net)
+        self.net.requires_grad_(False)
+        self.net.eval()
+
+    @property
+    def spec(self) -> ArchSpec:
+        return self.net.spec
+
+    @property
+    def layout(self) -> StructureLayout:
+        return self.net.layout
+
+    def train(self, mode: bool = True) -> PathSelector:  # always stays frozen/eval
+        return super().train(False)
+
+    @torch.no_grad()
+    def structure(self, x: torch.Tensor) -> Structure:
+        return self.net.forward_with_structure(x)[1]
+
+    @torch.no_grad()
+    def packed_structure(self, x: torch.Tensor, batch_size: int = 4096) -> PackedStructure:
+        """Packed structure of many samples, computed in chunks to bound memory."""
+        parts = [pack(self.structure(x[i:i + batch_size]), self.layout)
+                 for i in range(0, x.shape[0], batch_size)]
+        return PackedStructure.concat(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.net(x)
+
+
+class Estimator(nn.Module):
+    """Same architecture as the selector, its own weights; forward takes the structure."""
+
+    def __init__(self, net: ReLUNet) -> None:
+        super().__init__()
+        self.net = net
+
+    @property
+    def spec(self) -> ArchSpec:
+        return self.net.spec
+
+    @property
+    def layout(self) -> StructureLayout:
+        return self.net.layout
+
+    def forward(self, x: torch.Tensor, structure: Structure | PackedStructure) -> torch.Tensor:
+        if isinstance(structure, PackedStructure):
+            structure = unpack(structure, self.layout)
+        return self.net.gated_forward(x, structure)
+
+
+class DecoupledModel(nn.Module):
+    """The serving pair: selector gates → estimator outputs."""
+
+    def __init__(self, selector: PathSelector, estimator: Estimator) -> None:
+        super().__init__()
+        if selector.spec.to_dict() != estimator.spec.to_dict():
+            raise ValueError("selector and estimator must share one architecture")
+        self.selector = selector
+        self.estimator = estimator
+
+    @property
+    def spec(self) -> ArchSpec:
+        return self.selector.spec
+
+    @classmethod
+    def from_net(cls, net: ReLUNet) -> DecoupledModel:
+        """Paper step 2: copy a trained net into a frozen selector and an initial estimator."""
+        return cls(PathSelector(net), Estimator(copy.deepcopy(net)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.estimator(x, self.selector.structure(x))

@@ -1,0 +1,186 @@
+"""Declarative, JSON-serialisable specs of ReLU networks (MLPs and small CNNs).
+
+A spec is an input shape plus an ordered list of layers. The only non-linearity is
+``relu``; ``maxpool`` is the only other structural (input-dependent) choice. Inputs
+always arrive as flat feature vectors and are reshaped to ``input_shape`` first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+LAYER_TYPES = {"linear", "conv", "relu", "maxpool", "flatten"}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    input_shape: tuple[int, ...]
+    layers: tuple[dict[str, Any], ...]
+    name: str = "custom"
+
+    # ---- derived facts -------------------------------------------------------------
+    @property
+    def input_dim(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.shapes()[-1][0])
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample output shape after each layer (validates the spec as it goes)."""
+        shape = tuple(self.input_shape)
+        out: list[tuple[int, ...]] = []
+        for i, layer in enumerate(self.layers):
+            kind = layer.get("type")
+            if kind not in LAYER_TYPES:
+                raise ValueError(f"layer {i}: unknown type {kind!r}; allowed {sorted(LAYER_TYPES)}")
+            if kind == "linear":
+                if len(shape) != 1:
+                    raise ValueError(f"layer {i}: linear needs a flat input, got {shape}")
+                shape = (int(layer["out"]),)
+            elif kind == "conv":
+                if len(shape) != 3:
+                    raise ValueError(f"layer {i}: conv needs a (C,H,W) input, got {shape}")
+                k, s, p = int(layer["kernel"]), int(layer.get("stride", 1)), int(layer.get("padding", 0))
+                h = (shape[1] + 2 * p - k) // s + 1
+                w = (shape[2] + 2 * p - k) // s + 1
+                shape = (int(layer["out"]), h, w)
+            elif kind == "maxpool":
+                if len(shape) != 3:
+                    raise ValueError(f"layer {i}: maxpool needs a (C,H,W) input, got {shape}")
+                k = int(layer["kernel"])
+                s = int(layer.get("stride", k))
+                shape = (shape[0], (shape[1] - k) // s + 1, (shape[2] - k) // s + 1)
+            elif kind == "flatten":
+                shape = (math.prod(shape),)
+            if min(shape) <= 0:
+                raise ValueError(f"layer {i}: shape collapsed to {shape}")
+            out.append(shape)
+        if not self.layers or self.layers[-1]["type"] != "linear":
+            raise ValueError("the last layer must be linear (the output layer has no ReLU)")
+        return out
+
+    # ---- (de)serialisation -----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "input_shape": list(self.input_shape),
+                "layers": [dict(layer) for layer in self.layers]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArchSpec:
+        spec = cls(input_shape=tuple(int(v) for v in d["input_shape"]),
+                   layers=tuple(dict(layer) for layer in d["layers"]), name=d.get("name", "custom"))
+        spec.shapes()
+        return spec
+
+    @classmethod
+    def from_json(cls, s: str) -> ArchSpec:
+        return cls.from_dict(json.loads(s))
+
+
+def _relu_stack(widths: list[int]) -> list[dict[str, Any]]:
+    layers: list[dict[str, Any]] = []
+    for i, w in enumerate(widths):
+        layers.append({"type": "linear", "out": w})
+        if i < len(widths) - 1:
+            layers.append({"type": "relu"})
+    return layers
+
+
+def mlp(widths: list[int]) -> ArchSpec:
+    """``mlp([784, 256, 256, 10])``: input width, hidden widths, output width."""
+    if len(widths) < 2:
+        raise ValueError("an MLP needs at least an input and an output width")
+    return ArchSpec(input_shape=(widths[0],), layers=tuple(_relu_stack(widths[1:])),
+                    name="mlp:" + "-".join(map(str, widths)))
+
+
+def _conv(out: int, k: int, p: int = 0) -> dict[str, Any]:
+    return {"type": "conv", "out": out, "kernel": k, "padding": p}
+
+
+_RELU = {"type": "relu"}
+_POOL = {"type": "maxpool", "kernel": 2}
+_FLAT = {"type": "flatten"}
+
+
+def lenet5(side: int, num_classes: int) -> ArchSpec:
+    """LeNet-5 (ReLU + max-pool). 28×28 uses 5×5 kernels; small inputs (8×8) use 3×3."""
+    k, p1 = (5, 2) if side >= 20 else (3, 1)
+    p2 = 0 if side >= 20 else 1
+    feat = [_conv(6, k, p1), _RELU, _POOL, _conv(16, k, p2), _RELU, _POOL, _FLAT]
+    head = [{"type": "linear", "out": 120}, _RELU, {"type": "linear", "out": 84}, _RELU,
+            {"type": "linear", "out": num_classes}]
+    return ArchSpec(input_shape=(1, side, side), layers=tuple(feat + head), name="lenet5")
+
+
+def vgg_small(side: int, num_classes: int) -> ArchSpec:
+    """A small VGG-style net: two conv-conv-pool blocks and a two-layer head."""
+    c1, c2, hidden = (32, 64, 128) if side >= 20 else (16, 32, 64)
+    feat = [_conv(c1, 3, 1), _RELU, _conv(c1, 3, 1), _RELU, _POOL,
+            _conv(c2, 3, 1), _RELU, _conv(c2, 3, 1), _RELU, _POOL, _FLAT]
+    head = [{"type": "linear", "out": hidden}, _RELU, {"type": "linear", "out": num_classes}]
+    return ArchSpec(input_shape=(1, side, side), layers=tuple(feat + head), name="vgg-small")
+
+
+def resolve_arch(arch: str, input_dim: int, num_classes: int) -> ArchSpec:
+    """Turn a CLI/API architecture name into a spec for the given data shape.
+
+    Accepted: ``mlp:784-256-256-10`` (full widths), ``mlp:256-256`` (hidden widths only),
+    ``lenet5``, ``vgg-small`` (square single-channel images), or a JSON spec.
+    """
+    arch = arch.strip()
+    if arch.startswith("{"):
+        spec = ArchSpec.from_json(arch)
+    elif arch.startswith("mlp:"):
+        widths = [int(w) for w in arch[4:].split("-") if w]
+        if len(widths) >= 2 and widths[0] == input_dim and widths[-1] == num_classes:
+            spec = mlp(widths)
+        else:
+            spec = mlp([input_dim, *widths, num_classes])
+    elif arch in ("lenet5", "vgg-small"):
+        side = math.isqrt(input_dim)
+        if side * side != input_dim:
+            raise ValueError(f"{arch} needs square single-channel images; {input_dim} features")
+        spec = (lenet5 if arch == "lenet5" else vgg_small)(side, num_classes)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; use mlp:W-W-…, lenet5 or vgg-small")
+    if spec.input_dim != input_dim or spec.num_outputs != num_classes:
+        raise ValueError(f"spec {spec.name} is {spec.input_dim}→{spec.num_outputs}, "
+                         f"data is {input_dim}→{num_classes}")
+    return spec
+
+
+@dataclass
+class StructureLayout:
+    """Where each ReLU's gates and each max-pool's choices sit, per sample."""
+
+    gate_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    pool_in_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    pool_out_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    pool_windows: list[tuple[int, int]] = field(default_factory=list)  # (kernel, stride)
+
+    @property
+    def num_gates(self) -> int:
+        return sum(math.prod(s) for s in self.gate_shapes)
+
+    @classmethod
+    def of(cls, spec: ArchSpec) -> StructureLayout:
+        layout = cls()
+        prev = tuple(spec.input_shape)
+        for layer, shape in zip(spec.layers, spec.shapes(), strict=True):
+            if layer["type"] == "relu":
+                layout.gate_shapes.append(shape)
+            elif layer["type"] == "maxpool":
+                k = int(layer["kernel"])
+                layout.pool_in_shapes.append(prev)
+                layout.pool_out_shapes.append(shape)
+                layout.pool_windows.append((k, int(layer.get("stride", k))))
+            prev = shape
+        return layout

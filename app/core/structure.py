@@ -1,0 +1,151 @@
+"""Structural knowledge (SK) of a batch: ReLU gates and max-pool choices, plus a packed form.
+
+Packed form, per sample: every gate as one bit (all ReLU layers concatenated, row-major),
+and every max-pool choice as the position inside its window (one uint8). That is what
+gets cached for a training set and shipped between processes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from app.core.spec import StructureLayout
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+@dataclass
+class Structure:
+    """Unpacked SK of a batch: one bool tensor per ReLU, one int64 index tensor per max-pool.
+
+    ``pool_indices`` hold flat indices into each pooled plane (torch's ``max_pool2d``
+    ``return_indices`` convention) so the estimator can gather directly.
+    """
+
+    gates: list[torch.Tensor]
+    pool_indices: list[torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.gates[0].shape[0]) if self.gates else int(self.pool_indices[0].shape[0])
+
+    def to(self, device: torch.device | str) -> Structure:
+        return Structure([g.to(device) for g in self.gates], [p.to(device) for p in self.pool_indices])
+
+    def index(self, rows: torch.Tensor | slice) -> Structure:
+        return Structure([g[rows] for g in self.gates], [p[rows] for p in self.pool_indices])
+
+
+@dataclass
+class PackedStructure:
+    """Compact SK of N samples: ``gate_bits`` uint8[N, ceil(G/8)], pool choices uint8[N, …]."""
+
+    gate_bits: torch.Tensor
+    pool_choices: list[torch.Tensor]
+    num_gates: int
+
+    def __len__(self) -> int:
+        return int(self.gate_bits.shape[0])
+
+    def index(self, rows: torch.Tensor | slice) -> PackedStructure:
+        return PackedStructure(self.gate_bits[rows], [p[rows] for p in self.pool_choices],
+                               self.num_gates)
+
+    def to(self, device: torch.device | str) -> PackedStructure:
+        return PackedStructure(self.gate_bits.to(device), [p.to(device) for p in self.pool_choices],
+                               self.num_gates)
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_bits.numel() + sum(p.numel() for p in self.pool_choices)
+
+    @staticmethod
+    def concat(parts: list[PackedStructure]) -> PackedStructure:
+        pools = [torch.cat(ps) for ps in zip(*[p.pool_choices for p in parts], strict=True)]
+        return PackedStructure(torch.cat([p.gate_bits for p in parts]), pools, parts[0].num_gates)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """bool[N, G] → uint8[N, ceil(G/8)], most significant bit first (like numpy.packbits)."""
+    n, g = bits.shape
+    pad = (-g) % 8
+    if pad:
+        bits = torch.nn.functional.pad(bits, (0, pad))
+    grouped = bits.view(n, -1, 8).to(torch.uint8)
+    return (grouped * _BIT_WEIGHTS.to(bits.device)).sum(dim=2, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """uint8[N, B] → bool[N, num_bits]; inverse of :func:`pack_bits`."""
+    weights = _BIT_WEIGHTS.to(packed.device)
+    bits = (packed.unsqueeze(2) & weights) != 0
+    return bits.view(packed.shape[0], -1)[:, :num_bits]
+
+
+def _window_origin(out_shape: tuple[int, ...], in_w: int, stride: int, device: torch.device
+                   ) -> torch.Tensor:
+    """Flat input index of the top-left corner of every pooling window, shape [Ho, Wo]."""
+    ho, wo = out_shape[1], out_shape[2]
+    rows = torch.arange(ho, device=device) * stride
+    cols = torch.arange(wo, device=device) * stride
+    return rows[:, None] * in_w + cols[None, :]
+
+
+def pack(structure: Structure, layout: StructureLayout) -> PackedStructure:
+    n = structure.batch_size
+    if structure.gates:
+        flat = torch.cat([g.reshape(n, -1) for g in structure.gates], dim=1)
+    else:
+        flat = torch.zeros(n, 0, dtype=torch.bool, device=structure.pool_indices[0].device)
+    choices = []
+    for idx, in_shape, out_shape, (k, s) in zip(structure.pool_indices, layout.pool_in_shapes,
+                                                layout.pool_out_shapes, layout.pool_windows,
+                                                strict=True):
+        in_w = in_shape[2]
+        offset = idx - _window_origin(out_shape, in_w, s, idx.device)
+        local = (offset // in_w) * k + offset % in_w
+        choices.append(local.to(torch.uint8))
+    return PackedStructure(pack_bits(flat), choices, flat.shape[1])
+
+
+def unpack(packed: PackedStructure, layout: StructureLayout) -> Structure:
+    n = len(packed)
+    flat = unpack_bits(packed.gate_bits, packed.num_gates)
+    gates, start = [], 0
+    for shape in layout.gate_shapes:
+        size = math.prod(shape)
+        gates.append(flat[:, start:start + size].reshape(n, *shape))
+        start += size
+    indices = []
+    for local, in_shape, out_shape, (k, s) in zip(packed.pool_choices, layout.pool_in_shapes,
+                                                  layout.pool_out_shapes, layout.pool_windows,
+                                                  strict=True):
+        in_w = in_shape[2]
+        local = local.to(torch.int64)
+        origin = _window_origin(out_shape, in_w, s, local.device)
+        indices.append(origin + (local // k) * in_w + local % k)
+    return Structure(gates, indices)
+
+
+def gate_flip_fraction(a: PackedStructure, b: PackedStructure) -> float:
+    """Normalised Hamming distance between two gate sets of the same samples."""
+    if a.num_gates == 0:
+        return 0.0
+    diff = unpack_bits(a.gate_bits ^ b.gate_bits, a.num_gates)
+    return float(diff.float().mean())
+
+
+def pool_flip_fraction(a: PackedStructure, b: PackedStructure) -> float:
+    """Fraction of max-pool windows whose chosen element differs."""
+    total = sum(p.numel() for p in a.pool_choices)
+    if total == 0:
+        return 0.0
+    changed = sum(int((pa != pb).sum()) for pa, pb in zip(a.pool_choices, b.pool_choices, strict=True))
+    return changed / total
+
+
+def bytes_per_sample(layout: StructureLayout) -> int:
+    return math.ceil(layout.num_gates / 8) + sum(math.prod(s) for s in layout.pool_out_shapes)
