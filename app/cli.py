@@ -11,9 +11,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app.core.training import TrainConfig
+from app.experiments.cli import experiment_app
 
 cli = typer.Typer(help="skqk-serve: serve ReLU nets as selector+estimator; cheap QK retrains.",
                   no_args_is_help=True, add_completion=False)
+cli.add_typer(experiment_app, name="experiment")
 console = Console()
 
 
