@@ -32,18 +32,35 @@ def epoch_progress(total: int) -> tuple[Progress, object]:
     return progress, task
 
 
+def _store():
+    from app.settings import get_settings
+    from app.storage import open_store
+
+    settings = get_settings()
+    return settings, open_store(settings.resolved_database_url)
+
+
 @cli.command()
 def init(dataset: str = typer.Option("digits", help="digits | mnist5k | synthetic"),
          arch: str = typer.Option("mlp:256-256", help="mlp:W-W-…, lenet5, vgg-small or JSON spec"),
          epochs: int = typer.Option(30, min=1), batch_size: int = typer.Option(128, min=1),
          lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
          device: str = typer.Option("auto", help="auto | cpu | cuda"),
-         out: Path | None = typer.Option(None, help="checkpoint directory (default: data dir)")
+         force: bool = typer.Option(False, help="register (and activate) another version when the "
+                                                "store already has some")
          ) -> None:
-    """Train step 1 (a plain ReLU net) and register it as version 1."""
-    from app.core.pipeline import train_initial
-    from app.storage.checkpoint_dir import DirectoryRegistry
+    """Train step 1 (a plain ReLU net) on a data set and register it as version 1 in the store.
 
+    The data set's rows are stored as samples too (the "old data" later retrains use).
+    """
+    from app.serving.bootstrap import bootstrap_version
+
+    settings, store = _store()
+    existing = store.latest_version()
+    if existing is not None and not force:
+        console.print(f"[red]the store ({_safe_url(store.url)}) already has versions (latest {existing}, "
+                      f"active {store.active_version()}); pass --force to register another one")
+        raise typer.Exit(1)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
     progress, task = epoch_progress(epochs)
     started = time.perf_counter()
@@ -51,14 +68,99 @@ def init(dataset: str = typer.Option("digits", help="digits | mnist5k | syntheti
         def on_epoch(m: dict) -> None:
             progress.update(task, completed=m["epoch"],
                             info=f"val_acc={m['val_acc']:.3f} gate_flip={m.get('gate_flip', 0):.4f}")
-        initial = train_initial(dataset, arch, cfg, on_epoch)
+        result = bootstrap_version(store, settings, dataset, arch, cfg, on_epoch, activate=True)
     elapsed = time.perf_counter() - started
-    metrics = {**initial.metrics(), "init_seconds": elapsed}
-    registry = DirectoryRegistry(out)
-    version = registry.register(initial.model, mode="full", parent=None, metrics=metrics)
-    console.print(f"version {version}: test_acc={initial.test_acc:.4f} "
-                  f"({elapsed:.1f}s, {metrics['epochs_run']} epochs) → {registry.root}")
+    metrics = {**result.metrics, "init_seconds": elapsed}
+    console.print(f"version {result.version} (active): holdout_acc={metrics['holdout_acc']:.4f} "
+                  f"({elapsed:.1f}s, {metrics['epochs_run']} epochs) → {_safe_url(store.url)}")
     console.print_json(json.dumps(metrics))
+    store.dispose()
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@cli.command()
+def serve(host: str | None = typer.Option(None, help="bind address (SKQK_HOST, default 127.0.0.1)"),
+          port: int | None = typer.Option(None, help="port (SKQK_PORT, default 8000)"),
+          workers: int | None = typer.Option(None, min=1, help="uvicorn worker processes (SKQK_WORKERS)"),
+          data_dir: Path | None = typer.Option(None, help="SKQK_DATA_DIR"),
+          log_level: str | None = typer.Option(None, help="SKQK_LOG_LEVEL")) -> None:
+    """Serve the HTTP API; bootstraps version 1 (SKQK_BOOTSTRAP_DATASET, digits) on an empty store."""
+    import logging
+    import os
+
+    import uvicorn
+
+    from app.serving.bootstrap import ensure_bootstrapped
+    from app.settings import get_settings, resolve_api_key
+
+    for name, value in (("HOST", host), ("PORT", port), ("WORKERS", workers), ("DATA_DIR", data_dir),
+                        ("LOG_LEVEL", log_level)):
+        if value is not None:  # via the environment, so every worker process sees them
+            os.environ[f"SKQK_{name}"] = str(value)
+    get_settings.cache_clear()
+    settings, store = _store()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    key_source = "SKQK_API_KEY" if settings.api_key else str(settings.api_key_file.resolve())
+    resolve_api_key(settings)
+    active = ensure_bootstrapped(store, settings, log_fn=console.print)
+    console.print(f"store {_safe_url(store.url)}: active version {active}; admin key from {key_source}")
+    store.dispose()
+    uvicorn.run("app.api.main:create_app", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level=settings.log_level.lower(),
+                access_log=settings.access_log, timeout_graceful_shutdown=5)
+
+
+@cli.command()
+def retrain(mode: str = typer.Option("qk", help="qk (estimator only, structure frozen) | full"),
+            epochs: int | None = typer.Option(None, min=1, help="override SKQK_RETRAIN_EPOCHS"),
+            tolerance: float | None = typer.Option(None, min=0.0, help="override SKQK_PROMOTION_TOLERANCE")
+            ) -> None:
+    """Run one retrain job here, in this process, and print its result.
+
+    Same job as POST /retrain (same single-flight lease); running servers pick up a
+    promotion on their next poll.
+    """
+    from app.serving.retrain_job import MODES, run_retrain_job
+    from app.serving.runner import RETRAIN_LEASE, acquire_retrain_lease, new_job_id
+
+    if mode not in MODES:
+        console.print(f"[red]--mode must be one of {list(MODES)}")
+        raise typer.Exit(2)
+    settings, store = _store()
+    overrides = (("retrain_epochs", epochs), ("promotion_tolerance", tolerance))
+    updates = {k: v for k, v in overrides if v is not None}
+    settings = settings.model_copy(update=updates)
+    job_id = new_job_id()
+    if not acquire_retrain_lease(store, job_id, settings.retrain_lease_s):
+        console.print(f"[red]retrain job {store.lease_holder(RETRAIN_LEASE)} is already running")
+        raise typer.Exit(1)
+    try:
+        store.create_job(job_id, mode, runner="cli")
+
+        def on_progress(p: dict) -> None:
+            store.renew_lease(RETRAIN_LEASE, job_id, settings.retrain_lease_s)
+            if "epoch" in p and p.get("phase") == "training":
+                console.print(f"epoch {p['epoch']}/{p.get('epochs')}: train_loss={p['train_loss']:.4f} "
+                              f"val_loss={p['val_loss']:.4f} val_acc={p['val_acc']:.4f}")
+
+        console.print(f"retrain job {job_id} ({mode}) on {_safe_url(store.url)}")
+        try:
+            result = run_retrain_job(store, settings, job_id, mode, on_progress=on_progress, actor="cli")
+        except Exception as exc:
+            console.print(f"[red]retrain failed: {exc}")
+            raise typer.Exit(1) from None
+    finally:
+        store.release_lease(RETRAIN_LEASE, job_id)
+        store.dispose()
+    verdict = "[green]promoted" if result["promoted"] else "[yellow]not promoted"
+    console.print(f"{verdict}[/]: version {result['candidate_version']} — {result['reason']}")
+    console.print_json(json.dumps(result))
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""HTTP layer: FastAPI routers over the serving layer (``create_app`` in app.api.main)."""

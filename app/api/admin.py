@@ -1,0 +1,80 @@
+"""/retrain, /retrain/{job_id}, /models, /models/{version}/activate."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from sqlalchemy.exc import DBAPIError
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from app.api.errors import ApiError, FastJSONResponse, parse_body
+from app.api.schemas import ActivateRequest, RetrainRequest
+from app.api.state import RETRY_AFTER, get_state, require_api_key, store_unavailable
+from app.serving.runner import RetrainInProgress, RetrainQueueUnavailable
+from app.storage import UnknownVersion
+
+router = APIRouter()
+
+
+@router.post("/retrain", dependencies=[Depends(require_api_key)])
+async def retrain(request: Request) -> Response:
+    st = get_state(request)
+    body = await request.body()
+    mode = parse_body(RetrainRequest, body).mode if body.strip() else "qk"
+    try:
+        job_id = await run_in_threadpool(st.runner.submit, mode)
+    except RetrainInProgress as exc:
+        raise ApiError(409, f"a retrain is already running (job {exc.job_id})", job_id=exc.job_id) from None
+    except RetrainQueueUnavailable as exc:
+        raise ApiError(503, f"retrain queue unavailable: {exc}", RETRY_AFTER) from None
+    except DBAPIError as exc:
+        raise store_unavailable(exc) from None
+    return FastJSONResponse({"job_id": job_id, "status": "queued", "mode": mode}, status_code=202,
+                            headers={"Location": f"/retrain/{job_id}"})
+
+
+@router.get("/retrain/{job_id}")
+async def retrain_status(job_id: str, request: Request) -> Response:
+    st = get_state(request)
+    job = await run_in_threadpool(st.runner.status, job_id)
+    if job is None:
+        raise ApiError(404, f"job_id: no retrain job {job_id!r}")
+    return FastJSONResponse(job.to_dict())
+
+
+@router.get("/models")
+async def list_models(request: Request) -> Response:
+    st = get_state(request)
+
+    def collect() -> tuple[list[dict[str, object]], int | None]:
+        active = st.store.active_version()
+        return [v.summary(v.version == active) for v in st.store.list_versions()], active
+
+    try:
+        versions, active = await run_in_threadpool(collect)
+    except DBAPIError as exc:
+        raise store_unavailable(exc) from None
+    serving = st.holder.current
+    return FastJSONResponse({"versions": versions, "active_version": active,
+                             "serving_version": serving.version if serving else None})
+
+
+@router.post("/models/{version}/activate", dependencies=[Depends(require_api_key)])
+async def activate(version: int, request: Request) -> Response:
+    st = get_state(request)
+    body = await request.body()
+    reason = (parse_body(ActivateRequest, body).reason if body.strip() else None) or "manual activation"
+    actor = f"api:{request.client.host if request.client else 'unknown'}"
+    try:
+        previous, loaded = await run_in_threadpool(st.holder.activate, version, actor, reason)
+    except UnknownVersion:
+        raise ApiError(404, f"version: model version {version} does not exist") from None
+    except DBAPIError as exc:
+        raise store_unavailable(exc) from None
+    except Exception as exc:
+        serving = st.holder.current
+        raise ApiError(409, f"version {version} failed to load and was not activated "
+                            f"({type(exc).__name__}: {exc}); still serving "
+                            f"{serving.version if serving else 'nothing'}") from None
+    return FastJSONResponse({"active_version": loaded.version, "previous_version": previous,
+                             "serving_version": st.holder.current.version if st.holder.current else None})

@@ -1,0 +1,100 @@
+"""The FastAPI application: ``create_app()`` (a uvicorn factory) wires store, holder, batcher,
+retrain runner and metrics together in the lifespan.
+
+Startup never blocks on the model: ``/v2/health/live`` answers at once, ``/v2/health/ready``
+turns 200 once the active version is loaded and warmed up. A background task re-reads the
+active version every ``poll_interval_s`` (``ModelHolder.refresh``), so a replica follows
+promotions made anywhere, with or without Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import torch
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from app.api import admin, data, inference
+from app.api.errors import install_error_handlers
+from app.api.middleware import ServingMiddleware
+from app.api.state import AppState
+from app.serving.batcher import Batcher
+from app.serving.holder import ModelHolder
+from app.serving.metrics import ServingMetrics
+from app.serving.runner import build_runner
+from app.settings import Settings, get_settings, resolve_api_key
+from app.storage import JobRecord, Store
+
+log = logging.getLogger("skqk.api")
+
+
+def configure_torch(threads: int) -> None:
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only allowed before any inter-op work started
+        torch.set_num_interop_threads(1)
+
+
+async def _poll_active_version(holder: ModelHolder, interval: float) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(holder.refresh)
+        except Exception:
+            log.exception("active-version poll failed")
+        await asyncio.sleep(interval)
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = ServingMetrics()
+    api_key = resolve_api_key(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_torch(settings.torch_threads)
+        own_store = store is None
+        st_store = store or Store(settings.resolved_database_url)
+        await asyncio.to_thread(st_store.create_schema)
+        holder = ModelHolder(st_store, settings.device, metrics,
+                             warmup_batch_sizes=(1, settings.max_batch_size),
+                             version_cache_size=settings.version_cache_size)
+        batcher = Batcher(holder, settings.max_batch_size, settings.max_queue_delay_ms,
+                          settings.max_queue_size, metrics)
+        await batcher.start()
+
+        def on_finished(job: JobRecord) -> None:
+            if (job.result or {}).get("promoted"):
+                holder.refresh(force=True)
+
+        runner = build_runner(settings, st_store, on_finished=on_finished, metrics=metrics)
+        app.state.skqk = AppState(settings, st_store, metrics, holder, batcher, runner, api_key)
+        poll = asyncio.create_task(_poll_active_version(holder, settings.poll_interval_s))
+        try:
+            yield
+        finally:
+            poll.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poll
+            await asyncio.to_thread(runner.close)
+            await batcher.stop()
+            if own_store:
+                st_store.dispose()
+
+    app = FastAPI(title="skqk-serve", version="0.1.0", lifespan=lifespan,
+                  summary="ReLU nets served as frozen PathSelector + retrainable Estimator")
+    install_error_handlers(app)
+    app.include_router(inference.router)
+    app.include_router(data.router)
+    app.include_router(admin.router)
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request) -> Response:
+        st: AppState = request.app.state.skqk
+        metrics.queue_depth.set(st.batcher.queue_depth)
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    app.add_middleware(ServingMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,48 @@
+"""Prometheus metrics of one serving process (own registry, so several apps can coexist).
+
+With ``skqk serve --workers N`` every worker exports its own numbers; scrape each or run
+one worker per container (the usual deployment).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServingMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.request_latency = Histogram(
+            "skqk_request_latency_seconds", "HTTP request latency by route", ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("skqk_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.queue_time = Histogram("skqk_batch_queue_seconds", "time a request waited for its batch",
+                                    buckets=QUEUE_BUCKETS, registry=r)
+        self.batch_size = Histogram("skqk_batch_size_rows", "rows per forward pass",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_requests = Histogram("skqk_batch_size_requests", "requests merged per forward pass",
+                                        buckets=BATCH_BUCKETS, registry=r)
+        self.inference_time = Histogram("skqk_inference_seconds", "forward pass time per batch",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("skqk_batch_queue_depth", "requests waiting for a batch", registry=r)
+        self.queue_rejections = Counter("skqk_queue_rejections", "requests refused with 503 (queue full)",
+                                        registry=r)
+        self.model_version = Gauge("skqk_model_version", "model version this process serves", registry=r)
+        self.model_swaps = Counter("skqk_model_swaps", "hot-swaps to another version", registry=r)
+        self.model_load_failures = Counter("skqk_model_load_failures",
+                                           "versions that failed to load (old model kept)", registry=r)
+        self.ingest_requests = Counter("skqk_ingest_requests", "ingest requests by outcome", ["outcome"],
+                                       registry=r)
+        self.ingest_samples = Counter("skqk_ingest_samples", "samples committed by /ingest", registry=r)
+        self.retrain_jobs = Counter("skqk_retrain_jobs", "retrain jobs by outcome", ["mode", "outcome"],
+                                    registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,260 @@
+"""Retrain runners: where a retrain job runs. The API only sees the ``RetrainRunner`` protocol.
+
+- :class:`EmbeddedRunner` (default, ``SKQK_REDIS_URL`` unset): runs
+  :func:`app.serving.retrain_job.run_retrain_job` in a child process (or a thread) of the
+  server, so requests keep being served. Single-flight through the ``retrain`` lease in the
+  SQL store, which also holds across ``--workers`` processes and ``skqk retrain``.
+- A Celery runner (distributed mode) plugs in behind the same protocol: ``submit`` enqueues
+  and returns the job id, ``status`` reads the SQL job row, which the worker updates by
+  calling the same ``run_retrain_job``. :func:`build_runner` picks one from the settings.
+
+Job status always comes from the ``retrain_jobs`` table, whichever runner ran the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from app.serving.metrics import ServingMetrics
+from app.serving.retrain_job import MODES, run_retrain_job
+from app.settings import Settings
+from app.storage import JobRecord, Store
+from app.storage.store import utcnow
+
+log = logging.getLogger("skqk.runner")
+
+RETRAIN_LEASE = "retrain"
+FinishedHook = Callable[[JobRecord], None]
+
+
+class RetrainInProgress(RuntimeError):
+    """Another retrain is queued or running (→ HTTP 409 with its id)."""
+
+    def __init__(self, job_id: str | None) -> None:
+        super().__init__(f"retrain job {job_id} is already running")
+        self.job_id = job_id
+
+
+class RetrainQueueUnavailable(RuntimeError):
+    """The queue/worker backend cannot take jobs right now (→ HTTP 503)."""
+
+
+@runtime_checkable
+class RetrainRunner(Protocol):
+    def submit(self, mode: str) -> str:
+        """Start (or enqueue) a retrain; returns its job id.
+
+        Raises ``RetrainInProgress`` or ``RetrainQueueUnavailable``; ``ValueError`` for a bad mode.
+        """
+        ...
+
+    def status(self, job_id: str) -> JobRecord | None:
+        """The job row (None when unknown)."""
+        ...
+
+    def close(self) -> None:
+        """Stop background work (server shutdown)."""
+        ...
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+
+
+def acquire_retrain_lease(store: Store, job_id: str, ttl_s: float) -> bool:
+    """Single-flight: take the ``retrain`` lease for ``job_id``.
+
+    A holder whose job row is already finished (its supervisor is just cleaning up) does
+    not block: the lease is taken over by compare-and-set on that holder.
+    """
+    for _ in range(3):
+        if store.try_acquire_lease(RETRAIN_LEASE, job_id, ttl_s):
+            return True
+        holder = store.lease_holder(RETRAIN_LEASE)
+        if holder is None:
+            continue  # expired or released meanwhile
+        job = store.get_job(holder)
+        if job is None or job.status not in ("succeeded", "failed"):
+            return False
+        if store.take_over_lease(RETRAIN_LEASE, holder, job_id, ttl_s):
+            return True
+    return False
+
+
+def _child_main(settings_json: str, job_id: str, mode: str, parent_pid: int) -> None:
+    """Entry point of the spawned retrain process."""
+    import torch
+
+    from app.settings import Settings as _Settings
+
+    settings = _Settings.model_validate_json(settings_json)
+    torch.set_num_threads(settings.retrain_threads)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    store = Store(settings.resolved_database_url)
+    try:
+        # stop between epochs if the server that started us dies
+        run_retrain_job(store, settings, job_id, mode, should_cancel=lambda: os.getppid() != parent_pid)
+    finally:
+        store.dispose()
+
+
+class EmbeddedRunner:
+    """Runs one retrain at a time inside this server's host, beside request handling."""
+
+    name = "embedded"
+
+    def __init__(self, store: Store, settings: Settings, on_finished: FinishedHook | None = None,
+                 metrics: ServingMetrics | None = None, isolation: str | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.on_finished = on_finished
+        self.metrics = metrics
+        self.isolation = isolation or settings.retrain_isolation
+        self._closing = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._processes: dict[str, multiprocessing.process.BaseProcess] = {}
+        self._lock = threading.Lock()
+        with contextlib.suppress(Exception):
+            for job_id in store.fail_orphaned_jobs(RETRAIN_LEASE):
+                log.warning("marked orphaned retrain job %s failed", job_id)
+
+    def submit(self, mode: str) -> str:
+        check_mode(mode)
+        if self._closing.is_set():
+            raise RetrainQueueUnavailable("server is shutting down")
+        job_id = new_job_id()
+        if not acquire_retrain_lease(self.store, job_id, self.settings.retrain_lease_s):
+            raise RetrainInProgress(self.store.lease_holder(RETRAIN_LEASE))
+        try:
+            self.store.create_job(job_id, mode, runner=f"{self.name}:{self.isolation}")
+            thread = threading.Thread(target=self._supervise, args=(job_id, mode),
+                                      name=f"skqk-retrain-{job_id[:8]}", daemon=True)
+            with self._lock:
+                self._threads.append(thread)
+            thread.start()
+        except Exception:
+            self.store.release_lease(RETRAIN_LEASE, job_id)
+            raise
+        return job_id
+
+    def status(self, job_id: str) -> JobRecord | None:
+        return self.store.get_job(job_id)
+
+    # ---- supervision ------------------------------------------------------------------------
+    def _heartbeat(self, job_id: str, done: threading.Event) -> None:
+        interval = max(self.settings.retrain_lease_s / 4, 0.5)
+        while not done.wait(interval):
+            try:
+                if not self.store.renew_lease(RETRAIN_LEASE, job_id, self.settings.retrain_lease_s):
+                    log.info("retrain job %s no longer holds the lease", job_id)
+            except Exception:
+                log.warning("could not renew the retrain lease", exc_info=True)
+
+    def _supervise(self, job_id: str, mode: str) -> None:
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job_id, done), daemon=True)
+        beat.start()
+        try:
+            if self.isolation == "process":
+                self._run_process(job_id, mode)
+            else:
+                with contextlib.suppress(Exception):  # recorded in the job row by run_retrain_job
+                    run_retrain_job(self.store, self.settings, job_id, mode,
+                                    should_cancel=self._closing.is_set)
+        except Exception as exc:
+            log.exception("retrain supervisor failed")
+            self._fail_if_unfinished(job_id, f"{type(exc).__name__}: {exc}")
+        finally:
+            done.set()
+            with contextlib.suppress(Exception):
+                self.store.release_lease(RETRAIN_LEASE, job_id)
+            self._finished(job_id)
+
+    def _run_process(self, job_id: str, mode: str) -> None:
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch state
+        process = ctx.Process(target=_child_main, name=f"skqk-retrain-{job_id[:8]}", daemon=True,
+                              args=(self.settings.model_dump_json(), job_id, mode, os.getpid()))
+        with self._lock:
+            self._processes[job_id] = process
+        process.start()
+        process.join()
+        with self._lock:
+            self._processes.pop(job_id, None)
+        if process.exitcode != 0:
+            self._fail_if_unfinished(job_id, f"retrain process exited with code {process.exitcode}")
+
+    def _fail_if_unfinished(self, job_id: str, error: str) -> None:
+        job = self.store.get_job(job_id)
+        if job is not None and job.status in ("queued", "running"):
+            self.store.update_job(job_id, status="failed", error=error, finished_at=utcnow())
+
+    def _finished(self, job_id: str) -> None:
+        job = self.store.get_job(job_id)
+        if job is None:
+            return
+        outcome = "failed"
+        if job.status == "succeeded":
+            outcome = "promoted" if (job.result or {}).get("promoted") else "rejected"
+        if self.metrics is not None:
+            self.metrics.retrain_jobs.labels(job.mode, outcome).inc()
+        if self.on_finished is not None:
+            try:
+                self.on_finished(job)
+            except Exception:
+                log.exception("on_finished hook failed for job %s", job_id)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._closing.set()
+        with self._lock:
+            processes = list(self._processes.values())
+            threads = list(self._threads)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for thread in threads:
+            thread.join(timeout)
+
+
+class UnavailableRunner:
+    """Refuses every submission with 503; status still reads the job table. Serving is unaffected."""
+
+    name = "unavailable"
+
+    def __init__(self, store: Store, reason: str) -> None:
+        self.store = store
+        self.reason = reason
+
+    def submit(self, mode: str) -> str:
+        check_mode(mode)
+        raise RetrainQueueUnavailable(self.reason)
+
+    def status(self, job_id: str) -> JobRecord | None:
+        return self.store.get_job(job_id)
+
+    def close(self) -> None:
+        pass
+
+
+def build_runner(settings: Settings, store: Store, on_finished: FinishedHook | None = None,
+                 metrics: ServingMetrics | None = None, **kwargs: Any) -> RetrainRunner:
+    """The runner for these settings: embedded when ``redis_url`` is unset.
+
+    Distributed mode (issue 4) returns a Celery-backed runner here, with the same protocol;
+    ``on_finished`` is only meaningful in-process (replicas learn about promotions through
+    ``ModelHolder.refresh``).
+    """
+    if settings.redis_url is None:
+        return EmbeddedRunner(store, settings, on_finished=on_finished, metrics=metrics, **kwargs)
+    return UnavailableRunner(store, "SKQK_REDIS_URL is set but no distributed retrain runner is installed")

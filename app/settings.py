@@ -1,0 +1,109 @@
+"""Service settings: pydantic-settings, environment prefix ``SKQK_``.
+
+Every field can be set as ``SKQK_<FIELD>`` (e.g. ``SKQK_DATABASE_URL``). ``get_settings()``
+returns one cached instance; tests build their own ``Settings(...)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("skqk.settings")
+
+API_KEY_FILE = "api_key"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SKQK_", extra="ignore")
+
+    # ---- where things live --------------------------------------------------------------
+    data_dir: Path = Field(Path("./skqk-data"), description="SQLite file, API key file, caches")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///{data_dir}/skqk.db")
+    redis_url: str | None = Field(None, description="unset: embedded mode (no Redis, in-process retrain)")
+    model_name: str = Field("skqk", description="model name in the Open Inference Protocol v2 paths")
+    api_key: str | None = Field(None, description="admin key (X-API-Key); unset: generated into data_dir")
+
+    # ---- HTTP ---------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = Field(1, ge=1)
+    log_level: str = "info"
+    access_log: bool = False
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request body limit (413 above)")
+
+    # ---- batching / inference -------------------------------------------------------------
+    max_batch_size: int = Field(64, ge=1, description="rows merged into one forward pass")
+    max_queue_delay_ms: float = Field(2.0, ge=0, description="longest wait for more rows to batch")
+    max_queue_size: int = Field(2048, ge=1, description="pending requests before 503 + Retry-After")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads of the serving process")
+    device: str = Field("auto", description="auto | cpu | cuda (serving and retraining)")
+    version_cache_size: int = Field(2, ge=0, description="non-active versions kept loaded for /versions/{v}")
+
+    # ---- model registry / hot-swap --------------------------------------------------------
+    poll_interval_s: float = Field(2.0, gt=0, description="how often a replica checks the active version")
+    promotion_tolerance: float = Field(0.01, ge=0, description="candidate may trail the champion by this")
+    holdout_modulo: int = Field(10, ge=3, description="mix(id) % m == 0: holdout, == 1: validation")
+    min_holdout: int = Field(20, ge=1, description="fewer holdout rows than this: the retrain fails")
+
+    # ---- bootstrap (skqk serve on an empty store, skqk init) --------------------------------
+    bootstrap_dataset: str = "digits"
+    bootstrap_arch: str = "mlp:256-256"
+    bootstrap_epochs: int = Field(30, ge=1)
+
+    # ---- retraining ------------------------------------------------------------------------
+    retrain_epochs: int = Field(20, ge=1)
+    retrain_batch_size: int = Field(128, ge=1)
+    retrain_lr: float = Field(1e-3, gt=0)
+    retrain_patience: int = Field(5, ge=1)
+    retrain_seed: int = 0
+    retrain_threads: int = Field(1, ge=1, description="torch threads of an embedded retrain")
+    retrain_isolation: Literal["process", "thread"] = Field(
+        "process", description="embedded runner: spawn a child process (default) or use a thread")
+    retrain_lease_s: float = Field(60.0, gt=1, description="single-flight lease, renewed while training")
+
+    # ---- derived ---------------------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'skqk.db').resolve()}"
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.data_dir / API_KEY_FILE
+
+
+def resolve_api_key(settings: Settings) -> str:
+    """The admin key: ``SKQK_API_KEY`` or one generated once and kept in ``data_dir`` (0600)."""
+    if settings.api_key:
+        return settings.api_key
+    path = settings.api_key_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # another process may be writing it right now
+            key = path.read_text().strip()
+            if key:
+                return key
+            time.sleep(0.05)
+        raise RuntimeError(f"API key file {path} is empty; delete it or set SKQK_API_KEY") from None
+    key = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    log.warning("generated an admin API key into %s (set SKQK_API_KEY to choose one)", path.resolve())
+    return key
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,116 @@
+"""SQL schema (SQLAlchemy Core). Portable: the same tables on SQLite and PostgreSQL.
+
+- ``samples.id`` is the data watermark: it only grows (``AUTOINCREMENT`` on SQLite, a
+  sequence on Postgres), so "all samples up to id W" is a stable snapshot.
+- ``ingest_batches.idempotency_key`` is UNIQUE: a retried ingest collides on the constraint
+  instead of being checked-then-inserted, which is also race-free across replicas.
+- ``active_model`` is one row; it changes only by compare-and-set on the expected version.
+- ``promotions`` is append-only history; ``retrain_jobs`` is the source of truth for job
+  status; ``leases`` holds named single-flight leases (retrain, bootstrap).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+)
+
+metadata = MetaData()
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY; Postgres gets a BIGINT identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+UTCDateTime = DateTime(timezone=True)
+
+ingest_batches = Table(
+    "ingest_batches", metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("idempotency_key", String(200), unique=True, nullable=True),
+    Column("payload_sha256", String(64), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+samples = Table(
+    "samples", metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("batch_id", BigId, ForeignKey("ingest_batches.id"), nullable=False, index=True),
+    Column("n_features", Integer, nullable=False, index=True),
+    Column("features", LargeBinary, nullable=False),  # little-endian float32
+    Column("label", Integer, nullable=False),
+    # server-side default: one fewer bound parameter per row keeps bulk ingest cheap
+    Column("created_at", UTCDateTime, nullable=False, server_default=func.current_timestamp()),
+    sqlite_autoincrement=True,
+)
+
+model_versions = Table(
+    "model_versions", metadata,
+    Column("version", Integer, primary_key=True, autoincrement=True),
+    Column("parent", Integer, nullable=True),
+    Column("mode", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("architecture", JSON, nullable=False),
+    Column("selector_weights", LargeBinary, nullable=False),  # safetensors bytes
+    Column("selector_sha256", String(64), nullable=False),
+    Column("estimator_weights", LargeBinary, nullable=False),
+    Column("estimator_sha256", String(64), nullable=False),
+    Column("metrics", JSON, nullable=False),
+    Column("data_watermark", BigInteger, nullable=True),
+    Column("job_id", String(64), nullable=True),
+    sqlite_autoincrement=True,
+)
+
+promotions = Table(
+    "promotions", metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("version", Integer, nullable=False),
+    Column("previous_version", Integer, nullable=True),
+    Column("actor", String(100), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+active_model = Table(
+    "active_model", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # always 1
+    Column("version", Integer, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=True),
+)
+
+retrain_jobs = Table(
+    "retrain_jobs", metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("mode", String(16), nullable=False),
+    Column("status", String(16), nullable=False, index=True),  # queued|running|succeeded|failed
+    Column("runner", String(32), nullable=False),
+    Column("progress", JSON, nullable=False),
+    Column("result", JSON, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+leases = Table(
+    "leases", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(64), nullable=True),
+    Column("expires_at", Float, nullable=True),  # epoch seconds
+)
+
+LEASE_NAMES = ("retrain", "bootstrap")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed")

@@ -1,0 +1,465 @@
+"""The SQL store: samples, model versions (weights as safetensors bytes), promotions, jobs.
+
+One class over a SQLAlchemy engine; nothing SQLite-specific beyond connection pragmas, so
+the same code runs on ``postgresql+psycopg://…``. The store deals in bytes and numpy
+arrays; turning weights into torch modules is the serving layer's job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, create_engine, event, func, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+from app.storage.schema import (
+    JOB_STATUSES,
+    LEASE_NAMES,
+    active_model,
+    ingest_batches,
+    leases,
+    metadata,
+    model_versions,
+    promotions,
+    retrain_jobs,
+    samples,
+)
+
+log = logging.getLogger("skqk.storage")
+
+
+class UnknownVersion(LookupError):
+    def __init__(self, version: int) -> None:
+        super().__init__(f"model version {version} does not exist")
+        self.version = version
+
+
+class IdempotencyConflict(ValueError):
+    """The idempotency key was already used for a different payload."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)  # SQLite hands back naive datetimes
+
+
+def clean_json(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats → None (Postgres json rejects NaN/Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if isinstance(value, np.generic):
+        return clean_json(value.item())
+    return value
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class IngestResult:
+    accepted: int
+    duplicate: bool
+    batch_id: int
+    total_samples: int
+
+
+@dataclass
+class SampleSet:
+    ids: np.ndarray  # int64 [N], ascending
+    x: np.ndarray  # float32 [N, D]
+    y: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass
+class VersionRecord:
+    version: int
+    parent: int | None
+    mode: str
+    created_at: datetime
+    architecture: dict[str, Any]
+    selector_sha256: str
+    estimator_sha256: str
+    metrics: dict[str, Any]
+    data_watermark: int | None
+    job_id: str | None
+    selector_weights: bytes | None = None
+    estimator_weights: bytes | None = None
+
+    def summary(self, active: bool) -> dict[str, Any]:
+        return {"version": self.version, "parent": self.parent, "mode": self.mode,
+                "created_at": self.created_at.isoformat(), "metrics": self.metrics,
+                "active": active, "data_watermark": self.data_watermark, "job_id": self.job_id,
+                "architecture": self.architecture.get("name"),
+                "selector_sha256": self.selector_sha256, "estimator_sha256": self.estimator_sha256}
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    mode: str
+    status: str
+    runner: str
+    progress: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        def iso(d: datetime | None) -> str | None:
+            return d.isoformat() if d else None
+
+        return {"job_id": self.job_id, "status": self.status, "mode": self.mode,
+                "runner": self.runner, "progress": self.progress, "result": self.result or {},
+                "error": self.error, "created_at": iso(self.created_at),
+                "started_at": iso(self.started_at), "finished_at": iso(self.finished_at)}
+
+
+@dataclass
+class Promotion:
+    version: int
+    previous_version: int | None
+    actor: str
+    reason: str
+    at: datetime
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with sane settings per backend (SQLite: WAL, fsync on commit, busy wait)."""
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")  # a committed ingest survives power loss too
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+class Store:
+    def __init__(self, url: str, engine: Engine | None = None) -> None:
+        self.url = url
+        self.engine = engine or make_engine(url)
+
+    @property
+    def backend(self) -> str:
+        return self.engine.dialect.name
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # ---- schema --------------------------------------------------------------------------
+    def create_schema(self) -> None:
+        """Create missing tables and singleton rows; safe to run from several processes."""
+        for attempt in range(5):
+            try:
+                metadata.create_all(self.engine, checkfirst=True)
+                break
+            except (IntegrityError, ProgrammingError, OperationalError):
+                if attempt == 4:  # a concurrent creator won the race every time: give up
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        self._insert_ignore(active_model, [{"id": 1, "version": None, "updated_at": None}])
+        self._insert_ignore(leases, [{"name": n, "holder": None, "expires_at": None} for n in LEASE_NAMES])
+
+    def _insert_ignore(self, table: Any, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(table).values(**row))
+            except IntegrityError:
+                pass
+
+    # ---- samples ---------------------------------------------------------------------------
+    @staticmethod
+    def payload_digest(x: np.ndarray, y: np.ndarray) -> str:
+        h = hashlib.sha256(f"{x.shape[0]}x{x.shape[1]}:".encode())
+        h.update(x.tobytes())
+        h.update(y.tobytes())
+        return h.hexdigest()
+
+    def ingest(self, features: np.ndarray, labels: np.ndarray | Iterable[int],
+               idempotency_key: str | None = None) -> IngestResult:
+        """Insert a batch of samples in one transaction; a repeated key is a no-op."""
+        x = np.ascontiguousarray(features, dtype="<f4")
+        y = np.ascontiguousarray(np.asarray(labels), dtype="<i8")
+        if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
+            raise ValueError(f"need features [N, D] and labels [N] with N > 0; got {x.shape}, {y.shape}")
+        digest = self.payload_digest(x, y)
+        n, d = x.shape
+        now = utcnow()
+        try:
+            with self.engine.begin() as conn:
+                res = conn.execute(insert(ingest_batches).values(
+                    idempotency_key=idempotency_key, payload_sha256=digest, count=n, created_at=now))
+                batch_id = int(res.inserted_primary_key[0])
+                conn.execute(insert(samples), [
+                    {"batch_id": batch_id, "n_features": d, "features": row.tobytes(), "label": label}
+                    for row, label in zip(x, y.tolist(), strict=True)])
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            existing = self.get_ingest_batch(idempotency_key)
+            if existing is None:
+                raise
+            if existing["payload_sha256"] != digest:
+                raise IdempotencyConflict(
+                    f"idempotency_key {idempotency_key!r} was already used for a different payload"
+                ) from None
+            return IngestResult(existing["count"], True, existing["id"], self.sample_count())
+        return IngestResult(n, False, batch_id, self.sample_count())
+
+    def get_ingest_batch(self, idempotency_key: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(ingest_batches).where(
+                ingest_batches.c.idempotency_key == idempotency_key)).mappings().first()
+        return dict(row) if row else None
+
+    def sample_count(self, n_features: int | None = None) -> int:
+        query = select(func.count()).select_from(samples)
+        if n_features is not None:
+            query = query.where(samples.c.n_features == n_features)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def max_sample_id(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.coalesce(func.max(samples.c.id), 0))).scalar_one())
+
+    def load_samples(self, n_features: int, max_id: int | None = None,
+                     batch_id: int | None = None) -> SampleSet:
+        """All samples with ``n_features`` features and id ≤ ``max_id``, ordered by id."""
+        query = select(samples.c.id, samples.c.features, samples.c.label).where(
+            samples.c.n_features == n_features)
+        if max_id is not None:
+            query = query.where(samples.c.id <= max_id)
+        if batch_id is not None:
+            query = query.where(samples.c.batch_id == batch_id)
+        ids: list[int] = []
+        feats: list[bytes] = []
+        labels: list[int] = []
+        with self.engine.connect() as conn:
+            for row in conn.execute(query.order_by(samples.c.id)).yield_per(10_000):
+                ids.append(row[0])
+                feats.append(row[1])
+                labels.append(row[2])
+        x = np.frombuffer(b"".join(feats), dtype="<f4").reshape(len(ids), n_features)
+        return SampleSet(np.asarray(ids, dtype=np.int64), x.astype(np.float32),
+                         np.asarray(labels, dtype=np.int64))
+
+    # ---- model versions --------------------------------------------------------------------
+    def register_version(self, architecture: dict[str, Any], selector_weights: bytes,
+                         estimator_weights: bytes, mode: str, parent: int | None,
+                         metrics: dict[str, Any], data_watermark: int | None = None,
+                         job_id: str | None = None) -> int:
+        if mode not in ("qk", "full"):
+            raise ValueError(f"mode must be qk or full, got {mode!r}")
+        with self.engine.begin() as conn:
+            res = conn.execute(insert(model_versions).values(
+                parent=parent, mode=mode, created_at=utcnow(), architecture=clean_json(architecture),
+                selector_weights=selector_weights, selector_sha256=sha256_hex(selector_weights),
+                estimator_weights=estimator_weights, estimator_sha256=sha256_hex(estimator_weights),
+                metrics=clean_json(metrics), data_watermark=data_watermark, job_id=job_id))
+            return int(res.inserted_primary_key[0])
+
+    _SUMMARY_COLUMNS = tuple(c for c in model_versions.c
+                             if c.name not in ("selector_weights", "estimator_weights"))
+
+    @staticmethod
+    def _version(row: Any) -> VersionRecord:
+        m = dict(row)
+        return VersionRecord(
+            version=m["version"], parent=m["parent"], mode=m["mode"],
+            created_at=as_utc(m["created_at"]), architecture=m["architecture"],
+            selector_sha256=m["selector_sha256"], estimator_sha256=m["estimator_sha256"],
+            metrics=m["metrics"] or {}, data_watermark=m["data_watermark"], job_id=m["job_id"],
+            selector_weights=m.get("selector_weights"), estimator_weights=m.get("estimator_weights"))
+
+    def get_version(self, version: int, weights: bool = True) -> VersionRecord | None:
+        cols = list(model_versions.c) if weights else list(self._SUMMARY_COLUMNS)
+        with self.engine.connect() as conn:
+            row = conn.execute(select(*cols).where(model_versions.c.version == version)).mappings().first()
+        return self._version(row) if row else None
+
+    def list_versions(self) -> list[VersionRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(*self._SUMMARY_COLUMNS).order_by(model_versions.c.version)).mappings()
+            return [self._version(r) for r in rows]
+
+    def latest_version(self) -> int | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(model_versions.c.version))).scalar_one()
+
+    def _set_weights_for_tests(self, version: int, **columns: Any) -> None:
+        """Overwrite stored columns of a version (tests: simulate corruption)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(model_versions).where(model_versions.c.version == version).values(**columns))
+
+    # ---- active version + promotion history -------------------------------------------------
+    def active_version(self) -> int | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(active_model.c.version).where(active_model.c.id == 1)).scalar()
+
+    def compare_and_set_active(self, version: int, expected: int | None, actor: str,
+                               reason: str) -> bool:
+        """Point the active version at ``version`` only if it is still ``expected``.
+
+        The conditional UPDATE and the history row commit together, so a stale worker that
+        trained against an older champion cannot overwrite a newer promotion.
+        """
+        if self.get_version(version, weights=False) is None:
+            raise UnknownVersion(version)
+        current = (active_model.c.version.is_(None) if expected is None
+                   else active_model.c.version == expected)
+        now = utcnow()
+        with self.engine.begin() as conn:
+            res = conn.execute(update(active_model).where(active_model.c.id == 1, current)
+                               .values(version=version, updated_at=now))
+            if res.rowcount != 1:
+                return False
+            conn.execute(insert(promotions).values(version=version, previous_version=expected,
+                                                   actor=actor[:100], reason=reason, at=now))
+        return True
+
+    def activate(self, version: int, actor: str, reason: str, attempts: int = 20) -> int | None:
+        """Unconditional activation (rollback / roll-forward); returns the previous version."""
+        for _ in range(attempts):
+            previous = self.active_version()
+            if self.compare_and_set_active(version, previous, actor, reason):
+                return previous
+        raise RuntimeError(f"could not activate version {version}: the pointer kept changing")
+
+    def promotions(self, limit: int = 100) -> list[Promotion]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(promotions).order_by(promotions.c.id.desc()).limit(limit)).mappings()
+            return [Promotion(r["version"], r["previous_version"], r["actor"], r["reason"],
+                              as_utc(r["at"])) for r in rows]
+
+    # ---- retrain jobs ------------------------------------------------------------------------
+    def create_job(self, job_id: str, mode: str, runner: str) -> JobRecord:
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(insert(retrain_jobs).values(
+                job_id=job_id, mode=mode, status="queued", runner=runner, progress={},
+                result=None, error=None, created_at=now, updated_at=now))
+        job = self.get_job(job_id)
+        assert job is not None
+        return job
+
+    def update_job(self, job_id: str, **values: Any) -> None:
+        if "status" in values and values["status"] not in JOB_STATUSES:
+            raise ValueError(f"bad job status {values['status']!r}")
+        for key in ("progress", "result"):
+            if key in values and values[key] is not None:
+                values[key] = clean_json(values[key])
+        values["updated_at"] = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(update(retrain_jobs).where(retrain_jobs.c.job_id == job_id).values(**values))
+
+    @staticmethod
+    def _job(row: Any) -> JobRecord:
+        return JobRecord(job_id=row["job_id"], mode=row["mode"], status=row["status"],
+                         runner=row["runner"], progress=row["progress"] or {}, result=row["result"],
+                         error=row["error"], created_at=as_utc(row["created_at"]),
+                         started_at=as_utc(row["started_at"]), finished_at=as_utc(row["finished_at"]),
+                         updated_at=as_utc(row["updated_at"]))
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(retrain_jobs).where(retrain_jobs.c.job_id == job_id)).mappings().first()
+        return self._job(row) if row else None
+
+    def list_jobs(self, statuses: Iterable[str] | None = None, limit: int = 100) -> list[JobRecord]:
+        query = select(retrain_jobs).order_by(retrain_jobs.c.created_at.desc()).limit(limit)
+        if statuses is not None:
+            query = query.where(retrain_jobs.c.status.in_(list(statuses)))
+        with self.engine.connect() as conn:
+            return [self._job(r) for r in conn.execute(query).mappings()]
+
+    def fail_orphaned_jobs(self, lease: str = "retrain") -> list[str]:
+        """Mark queued/running jobs failed when nobody holds the lease for them any more."""
+        holder = self.lease_holder(lease)
+        orphans = [j.job_id for j in self.list_jobs(("queued", "running"), limit=1000)
+                   if j.job_id != holder]
+        for job_id in orphans:
+            self.update_job(job_id, status="failed", finished_at=utcnow(),
+                            error="interrupted: the process running it went away")
+        return orphans
+
+    # ---- leases (single-flight across processes) --------------------------------------------
+    def try_acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        now = time.time()
+        with self.engine.begin() as conn:
+            res = conn.execute(update(leases).where(
+                leases.c.name == name,
+                (leases.c.holder.is_(None)) | (leases.c.expires_at < now) | (leases.c.holder == holder),
+            ).values(holder=holder, expires_at=now + ttl_s))
+            return res.rowcount == 1
+
+    def take_over_lease(self, name: str, old_holder: str, holder: str, ttl_s: float) -> bool:
+        """Compare-and-set the lease from ``old_holder`` (known to be finished) to ``holder``."""
+        with self.engine.begin() as conn:
+            res = conn.execute(update(leases).where(leases.c.name == name, leases.c.holder == old_holder)
+                               .values(holder=holder, expires_at=time.time() + ttl_s))
+            return res.rowcount == 1
+
+    def renew_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        with self.engine.begin() as conn:
+            res = conn.execute(update(leases).where(leases.c.name == name, leases.c.holder == holder)
+                               .values(expires_at=time.time() + ttl_s))
+            return res.rowcount == 1
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(leases).where(leases.c.name == name, leases.c.holder == holder)
+                         .values(holder=None, expires_at=None))
+
+    def lease_holder(self, name: str) -> str | None:
+        """The current holder, or None when free or expired."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(leases.c.holder, leases.c.expires_at)
+                               .where(leases.c.name == name)).first()
+        if row is None or row[0] is None or (row[1] is not None and row[1] < time.time()):
+            return None
+        return str(row[0])
+
+
+def open_store(url: str, create: bool = True) -> Store:
+    store = Store(url)
+    if create:
+        store.create_schema()
+    return store
