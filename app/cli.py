@@ -47,7 +47,9 @@ def init(dataset: str = typer.Option("digits", help="digits | mnist5k | syntheti
          lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
          device: str = typer.Option("auto", help="auto | cpu | cuda"),
          force: bool = typer.Option(False, help="register (and activate) another version when the "
-                                                "store already has some")
+                                                "store already has some"),
+         if_empty: bool = typer.Option(False, "--if-empty",
+                                       help="do nothing (exit 0) when the store already has a version")
          ) -> None:
     """Train step 1 (a plain ReLU net) on a data set and register it as version 1 in the store.
 
@@ -57,6 +59,11 @@ def init(dataset: str = typer.Option("digits", help="digits | mnist5k | syntheti
 
     settings, store = _store()
     existing = store.latest_version()
+    if existing is not None and if_empty:
+        console.print(f"store already has versions (latest {existing}, active {store.active_version()}); "
+                      "nothing to do")
+        store.dispose()
+        return
     if existing is not None and not force:
         console.print(f"[red]the store ({_safe_url(store.url)}) already has versions (latest {existing}, "
                       f"active {store.active_version()}); pass --force to register another one")
