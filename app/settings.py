@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     access_log: bool = False
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request body limit (413 above)")
+    fast_path: bool = Field(True, description="answer /predict and v2 infer below FastAPI's routing")
 
     # ---- batching / inference -------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, description="rows merged into one forward pass")

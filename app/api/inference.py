@@ -30,15 +30,18 @@ def _server_version() -> str:
         return "0"
 
 
-@router.post("/predict")
-async def predict(request: Request) -> Response:
-    st = get_state(request)
-    req = parse_body(PredictRequest, await request.body())
+async def predict_payload(st: AppState, body: bytes) -> dict[str, Any]:
+    """POST /predict: the whole request → answer step (raises ApiError for client errors)."""
+    req = parse_body(PredictRequest, body)
     loaded = st.require_model()
     x = rows_to_array(req.inputs, loaded.input_dim, "inputs")
     result = await st.infer(x)
-    return FastJSONResponse({"model_version": result.version, "predictions": result.predictions,
-                             "outputs": result.outputs})
+    return {"model_version": result.version, "predictions": result.predictions, "outputs": result.outputs}
+
+
+@router.post("/predict")
+async def predict(request: Request) -> Response:
+    return FastJSONResponse(await predict_payload(get_state(request), await request.body()))
 
 
 # ---- Open Inference Protocol v2 --------------------------------------------------------------
@@ -144,10 +147,10 @@ def _v2_input(req: V2InferRequest, loaded: LoadedModel) -> np.ndarray:
     return check_float32(x.astype(np.float32).reshape(rows, width), "inputs[0].data")
 
 
-async def _v2_infer(request: Request, name: str, version: str | None) -> Response:
-    st = get_state(request)
+async def v2_infer_payload(st: AppState, body: bytes, name: str, version: str | None) -> dict[str, Any]:
+    """POST /v2/models/{name}[/versions/{v}]/infer (raises ApiError for client errors)."""
     _check_name(st, name)
-    req = parse_body(V2InferRequest, await request.body())
+    req = parse_body(V2InferRequest, body)
     if version is None:
         loaded, target = st.require_model(), None
     else:
@@ -168,16 +171,16 @@ async def _v2_infer(request: Request, name: str, version: str | None) -> Respons
                           "data": result.outputs.reshape(-1)},
                "predictions": {"name": "predictions", "shape": [n], "datatype": "INT64",
                                "data": result.predictions}}
-    return FastJSONResponse({"model_name": name, "model_version": str(result.version),
-                             "id": req.id if req.id is not None else uuid.uuid4().hex,
-                             "outputs": [tensors[w] for w in wanted]})
+    return {"model_name": name, "model_version": str(result.version),
+            "id": req.id if req.id is not None else uuid.uuid4().hex,
+            "outputs": [tensors[w] for w in wanted]}
 
 
 @router.post("/v2/models/{name}/infer")
 async def v2_infer(name: str, request: Request) -> Response:
-    return await _v2_infer(request, name, None)
+    return FastJSONResponse(await v2_infer_payload(get_state(request), await request.body(), name, None))
 
 
 @router.post("/v2/models/{name}/versions/{version}/infer")
 async def v2_infer_version(name: str, version: str, request: Request) -> Response:
-    return await _v2_infer(request, name, version)
+    return FastJSONResponse(await v2_infer_payload(get_state(request), await request.body(), name, version))

@@ -13,13 +13,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from app.api import admin, data, inference
 from app.api.errors import install_error_handlers
+from app.api.fastpath import InferenceFastPath
 from app.api.middleware import ServingMiddleware
 from app.api.state import AppState
 from app.serving.batcher import Batcher
@@ -47,7 +50,31 @@ async def _poll_active_version(holder: ModelHolder, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
+class SkqkApp:
+    """The ASGI entry point: limits + metrics, the inference fast path, then FastAPI.
+
+    Wrapping FastAPI from the outside keeps its per-request machinery off the hot path;
+    everything else (``state``, ``routes``, ``openapi()`` …) is the FastAPI app's.
+    """
+
+    def __init__(self, api: FastAPI, settings: Settings, metrics: ServingMetrics) -> None:
+        self.fastapi = api
+        inner: Any = api
+        if settings.fast_path:
+            inner = InferenceFastPath(api, lambda: getattr(api.state, "skqk", None))
+        self._http = ServingMiddleware(inner, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        else:  # lifespan (and anything else) straight to FastAPI
+            await self.fastapi(scope, receive, send)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fastapi, name)
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None) -> SkqkApp:
     settings = settings or get_settings()
     metrics = ServingMetrics()
     api_key = resolve_api_key(settings)
@@ -62,7 +89,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                              warmup_batch_sizes=(1, settings.max_batch_size),
                              version_cache_size=settings.version_cache_size)
         batcher = Batcher(holder, settings.max_batch_size, settings.max_queue_delay_ms,
-                          settings.max_queue_size, metrics)
+                          settings.max_queue_size, metrics, torch_threads=settings.torch_threads)
         await batcher.start()
 
         def on_finished(job: JobRecord) -> None:
@@ -96,5 +123,4 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         metrics.queue_depth.set(st.batcher.queue_depth)
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    app.add_middleware(ServingMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
-    return app
+    return SkqkApp(app, settings, metrics)

@@ -29,6 +29,7 @@ class ServingMiddleware:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self._latency: dict[tuple[str, str, int], Any] = {}  # labelled children, looked up once
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -57,10 +58,12 @@ class ServingMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             metrics.in_flight.dec()
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
-            metrics.request_latency.labels(scope["method"], label, str(status[0])).observe(
-                time.perf_counter() - started)
+            label = scope.get("skqk.route") or getattr(scope.get("route"), "path", None) or "unmatched"
+            key = (scope["method"], label, status[0])
+            child = self._latency.get(key)
+            if child is None:
+                child = self._latency[key] = metrics.request_latency.labels(key[0], label, str(key[2]))
+            child.observe(time.perf_counter() - started)
 
     async def _check_body(self, scope: Scope, receive: Receive) -> Receive | tuple[int, str]:
         content_length: int | None = None

@@ -62,8 +62,10 @@ class _Pending:
 
 class Batcher:
     def __init__(self, holder: ModelHolder, max_batch_size: int = 64, max_queue_delay_ms: float = 2.0,
-                 max_queue_size: int = 2048, metrics: ServingMetrics | None = None) -> None:
+                 max_queue_size: int = 2048, metrics: ServingMetrics | None = None,
+                 torch_threads: int = 1) -> None:
         self.holder = holder
+        self.torch_threads = torch_threads
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
@@ -78,7 +80,8 @@ class Batcher:
     # ---- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skqk-infer")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skqk-infer",
+                                            initializer=self._init_thread)
         self._task = asyncio.create_task(self._collect(), name="skqk-batcher")
 
     async def stop(self) -> None:
@@ -92,6 +95,13 @@ class Batcher:
                 pending.future.set_exception(NotReady("server is shutting down"))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+    def _init_thread(self) -> None:
+        # OpenMP/MKL thread counts are per OS thread: a fresh thread would otherwise use every
+        # core and spin-wait between ops, starving the event loop on a small machine.
+        import torch
+
+        torch.set_num_threads(self.torch_threads)
 
     @property
     def queue_depth(self) -> int:

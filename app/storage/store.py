@@ -176,6 +176,15 @@ class Store:
         self.engine = engine or make_engine(url)
 
     @property
+    def _insert_samples_sql(self) -> str:
+        style = self.engine.dialect.paramstyle
+        marks = {"qmark": "?, ?, ?, ?", "format": "%s, %s, %s, %s", "pyformat": "%s, %s, %s, %s",
+                 "numeric": ":1, :2, :3, :4"}.get(style)
+        if marks is None:
+            raise NotImplementedError(f"driver paramstyle {style!r}")
+        return f"INSERT INTO {samples.name} (batch_id, n_features, features, label) VALUES ({marks})"
+
+    @property
     def backend(self) -> str:
         return self.engine.dialect.name
 
@@ -227,9 +236,10 @@ class Store:
                 res = conn.execute(insert(ingest_batches).values(
                     idempotency_key=idempotency_key, payload_sha256=digest, count=n, created_at=now))
                 batch_id = int(res.inserted_primary_key[0])
-                conn.execute(insert(samples), [
-                    {"batch_id": batch_id, "n_features": d, "features": row.tobytes(), "label": label}
-                    for row, label in zip(x, y.tolist(), strict=True)])
+                # straight to the driver's executemany: SQLAlchemy's per-row parameter
+                # processing would cost more than the insert itself
+                conn.exec_driver_sql(self._insert_samples_sql, [
+                    (batch_id, d, row.tobytes(), label) for row, label in zip(x, y.tolist(), strict=True)])
         except IntegrityError:
             if idempotency_key is None:
                 raise
