@@ -170,6 +170,9 @@ class EmbeddedRunner:
             if self.isolation == "process":
                 self._run_process(job_id, mode)
             else:
+                import torch
+
+                torch.set_num_threads(self.settings.retrain_threads)  # per OS thread for OpenMP
                 with contextlib.suppress(Exception):  # recorded in the job row by run_retrain_job
                     run_retrain_job(self.store, self.settings, job_id, mode,
                                     should_cancel=self._closing.is_set)
