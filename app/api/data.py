@@ -28,7 +28,8 @@ def _ingest(st: AppState, body: bytes) -> dict[str, object]:
                                 f"got {len(sample.features)}")
         if not 0 <= sample.label < classes:
             raise ApiError(422, f"samples[{i}].label: must be in [0, {classes - 1}], got {sample.label}")
-    x = np.asarray([s.features for s in req.samples], dtype=np.float32)
+    with np.errstate(over="ignore"):  # overflow becomes inf, reported just below
+        x = np.asarray([s.features for s in req.samples], dtype=np.float32)
     check_float32(x, "samples[*].features")
     y = np.asarray([s.label for s in req.samples], dtype=np.int64)
     try:

@@ -8,6 +8,7 @@ from importlib import metadata
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -30,11 +31,37 @@ def _server_version() -> str:
         return "0"
 
 
+def _plain_rows(body: bytes, width: int) -> np.ndarray | None:
+    """The common case, parsed cheaply: ``{"inputs": [[number × width], …]}`` → float32 rows.
+
+    Anything unusual (bad JSON, NaN/Infinity, strings, booleans, wrong widths, float32
+    overflow …) returns None and goes through the validating parser, which names the field.
+    """
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    rows = obj.get("inputs") if type(obj) is dict else None
+    if type(rows) is not list or not rows:
+        return None
+    for row in rows:
+        if type(row) is not list or len(row) != width:
+            return None
+        for v in row:
+            if type(v) is not float and type(v) is not int:
+                return None
+    with np.errstate(over="ignore"):  # float32 overflow → inf → the validating path reports it
+        x = np.array(rows, dtype=np.float32)
+    return x if np.isfinite(x).all() else None
+
+
 async def predict_payload(st: AppState, body: bytes) -> dict[str, Any]:
     """POST /predict: the whole request → answer step (raises ApiError for client errors)."""
-    req = parse_body(PredictRequest, body)
     loaded = st.require_model()
-    x = rows_to_array(req.inputs, loaded.input_dim, "inputs")
+    x = _plain_rows(body, loaded.input_dim)
+    if x is None:
+        req = parse_body(PredictRequest, body)
+        x = rows_to_array(req.inputs, loaded.input_dim, "inputs")
     result = await st.infer(x)
     return {"model_version": result.version, "predictions": result.predictions, "outputs": result.outputs}
 
@@ -144,7 +171,9 @@ def _v2_input(req: V2InferRequest, loaded: LoadedModel) -> np.ndarray:
     bad = ~np.isfinite(x)
     if bad.any():
         raise ApiError(422, f"inputs[0].data[{int(np.argmax(bad))}]: value is not a finite number")
-    return check_float32(x.astype(np.float32).reshape(rows, width), "inputs[0].data")
+    with np.errstate(over="ignore"):
+        x32 = x.astype(np.float32)
+    return check_float32(x32.reshape(rows, width), "inputs[0].data")
 
 
 async def v2_infer_payload(st: AppState, body: bytes, name: str, version: str | None) -> dict[str, Any]:

@@ -72,7 +72,9 @@ def rows_to_array(rows: list[list[float]], width: int, field: str) -> np.ndarray
     for i, row in enumerate(rows):
         if len(row) != width:
             raise ApiError(422, f"{field}[{i}]: expected {width} features, got {len(row)}")
-    return check_float32(np.asarray(rows, dtype=np.float32), field)
+    with np.errstate(over="ignore"):  # overflow becomes inf, reported by check_float32
+        x = np.asarray(rows, dtype=np.float32)
+    return check_float32(x, field)
 
 
 def check_float32(x: np.ndarray, field: str) -> np.ndarray:
