@@ -1,8 +1,13 @@
 """Training: full (SK + QK) training of a ReLU net, and QK-only training of an Estimator.
 
-Both loops share one epoch driver: seeded mini-batches, a validation split, early stopping
-on validation loss with the best weights restored, per-epoch metrics, a cancel hook.
+Both Adam loops share one epoch driver: seeded mini-batches, a validation split, early
+stopping on validation loss with the best weights restored, per-epoch metrics, a cancel hook.
 Full training also records SK stability (Hypothesis 1) on a fixed probe set.
+
+The default QK retrain (``TrainConfig.qk_solver = "fast"``, :mod:`app.core.qk_fast`) does not
+run Adam epochs by default: with the structure frozen, the readout is a convex problem on the
+gated features, refit in closed form (preconditioned L-BFGS) in a fraction of one epoch. The
+previous solver stays available as ``qk_solver = "adam"`` (:func:`train_qk_adam`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from torch.nn import functional as F
 from app.core.data import Split
 from app.core.device import pick_device
 from app.core.network import DecoupledModel, PathSelector, ReLUNet
+from app.core.qk_fast import QKFastConfig
+from app.core.qk_fast import train_qk_fast as train_qk_fast_impl
 from app.core.structure import PackedStructure, gate_flip_fraction, pool_flip_fraction
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -42,6 +49,14 @@ class TrainConfig:
     device: str | None = None  # None/"auto": CUDA when available
     probe_size: int = 512  # samples whose gates are tracked for SK stability
     eval_batch_size: int = 4096
+    # QK-only retrain (train_qk). "fast": convex readout refit (+ optional epochs) on the
+    # cached structure; "adam": mini-batch Adam on every estimator weight (epochs/lr above).
+    qk_solver: str = "fast"
+    qk_readout_iters: int = 20  # L-BFGS iterations of the readout refit (0: none)
+    qk_readout_l2: float = 1e-4  # L2 on the readout weights (mean-loss scale)
+    qk_epochs: int = 0  # "fast": Adam epochs after the refit (batch_size/patience above)
+    qk_lr: float = 1e-4  # "fast": learning rate of those epochs
+    qk_train_from: int | str = "all"  # "fast": first trained layer ("all", spec index, -k)
 
 
 @dataclass
@@ -52,11 +67,14 @@ class TrainResult:
     best_val_acc: float = 0.0
     wall_s: float = 0.0
     structure_s: float = 0.0  # time spent computing the cached structure (QK only)
+    solver: str = "adam"  # "full", "adam" (QK) or "fast" (QK)
+    readout_s: float = 0.0  # "fast": time of the convex readout refit
 
     def summary(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
                 "best_val_acc": self.best_val_acc, "epochs_run": len(self.history),
-                "wall_s": self.wall_s, "structure_s": self.structure_s}
+                "wall_s": self.wall_s, "structure_s": self.structure_s, "solver": self.solver,
+                "readout_s": self.readout_s}
 
 
 @torch.no_grad()
@@ -155,8 +173,10 @@ def train_full(net: ReLUNet, train: Split, val: Split, cfg: TrainConfig,
     def forward(x: torch.Tensor, _rows: torch.Tensor) -> torch.Tensor:
         return net(x)
 
-    return _run_epochs(net, list(net.parameters()), forward, forward, train, val, cfg,
-                       on_epoch, should_cancel, tracker.step if tracker else None)
+    result = _run_epochs(net, list(net.parameters()), forward, forward, train, val, cfg,
+                         on_epoch, should_cancel, tracker.step if tracker else None)
+    result.solver = "full"
+    return result
 
 
 def train_qk_adam(model: DecoupledModel, train: Split, val: Split, cfg: TrainConfig,
@@ -184,16 +204,50 @@ def train_qk_adam(model: DecoupledModel, train: Split, val: Split, cfg: TrainCon
 
     result = _run_epochs(estimator, list(estimator.parameters()), train_fwd, val_fwd, train, val,
                          cfg, on_epoch, should_cancel)
+    result.solver = "adam"
     result.structure_s = structure_s
     result.wall_s += structure_s
     return result
 
 
+def train_qk_fast(model: DecoupledModel, train: Split, val: Split, cfg: TrainConfig,
+                  on_epoch: EpochCallback | None = None,
+                  should_cancel: CancelCheck | None = None) -> TrainResult:
+    """QK-only retrain by :mod:`app.core.qk_fast`: convex readout refit (+ optional epochs)."""
+    device = pick_device(cfg.device)
+    model.to(device)
+    train, val = train.to(device), val.to(device)
+
+    def check_cancel(epoch: int) -> None:
+        if should_cancel is not None and should_cancel():
+            raise TrainingCancelled(f"cancelled before epoch {epoch}")
+
+    fast = QKFastConfig(readout_iters=cfg.qk_readout_iters, readout_l2=cfg.qk_readout_l2,
+                        epochs=cfg.qk_epochs, lr=cfg.qk_lr, batch_size=cfg.batch_size,
+                        weight_decay=cfg.weight_decay, patience=cfg.patience,
+                        train_from=cfg.qk_train_from, seed=cfg.seed, chunk=cfg.eval_batch_size)
+    out = train_qk_fast_impl(model, train.x, train.y, val.x, val.y, fast, on_epoch, check_cancel)
+    return TrainResult(history=out.history, best_epoch=out.best_epoch, best_val_loss=out.best_val_loss,
+                       best_val_acc=out.best_val_acc, wall_s=out.wall_s, structure_s=out.structure_s,
+                       solver="fast", readout_s=out.readout_s)
+
+
+QK_SOLVERS = {"fast": train_qk_fast, "adam": train_qk_adam}
+
+
 def train_qk(model: DecoupledModel, train: Split, val: Split, cfg: TrainConfig,
              on_epoch: EpochCallback | None = None,
              should_cancel: CancelCheck | None = None) -> TrainResult:
-    """The default QK-only retrain used by the retrain job."""
-    return train_qk_adam(model, train, val, cfg, on_epoch, should_cancel)
+    """The QK-only retrain used by the retrain job; ``cfg.qk_solver`` picks the solver.
+
+    The selector is only read; the estimator's weights are updated in place; the result's
+    ``wall_s`` includes the structure computation.
+    """
+    try:
+        solver = QK_SOLVERS[cfg.qk_solver]
+    except KeyError:
+        raise ValueError(f"unknown qk_solver {cfg.qk_solver!r}; choose from {sorted(QK_SOLVERS)}") from None
+    return solver(model, train, val, cfg, on_epoch, should_cancel)
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:

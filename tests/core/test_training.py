@@ -50,7 +50,8 @@ def test_qk_training_on_cnn_keeps_selector():
     train_qk(model, train, val, TrainConfig(epochs=2, batch_size=32, device="cpu"))
     for k, v in model.selector.state_dict().items():
         assert torch.equal(v, before[k])
-    assert not torch.equal(model.estimator.net.blocks[0].weight, before["net.blocks.0.weight"])
+    after = model.estimator.net.state_dict()  # the estimator did learn (the default solver
+    assert any(not torch.equal(after[k], before["net." + k]) for k in after)  # refits the readout)
 
 
 def test_full_training_records_stability_and_early_stops():

@@ -1,0 +1,157 @@
+"""Convex readout solvers: the last (linear) layer of the estimator on fixed gated features.
+
+With the structure frozen and the layers below the readout fixed, the estimator's logits are
+``Φ Wᵀ + b`` for a fixed feature matrix Φ (the gated penultimate activations), so refitting
+the readout is an ordinary multinomial logistic regression (or, for a closed form, a ridge
+regression onto one-hot targets). Both are solved here on whatever device Φ lives on.
+
+Objective of :func:`fit_logistic` (the scikit-learn convention, bias unpenalised)::
+
+    mean_i CE(W φ_i + b, y_i) + (l2 / 2) · ||W||²          (= LogisticRegression(C=1/(l2·N)))
+
+Solver: L-BFGS whose initial inverse Hessian is the inverse of Böhning's bound
+``½ I_K ⊗ AᵀA/N + l2·M`` (A = [Φ, 1], M masks the bias), so the very first step is already a
+majorise-minimise step with the right feature-space scaling, and a backtracking line search on
+precomputed ``A·Dᵀ`` (every trial step costs one softmax, not one matrix product).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class ReadoutFit:
+    weight: torch.Tensor  # [K, d]
+    bias: torch.Tensor  # [K]
+    objective: float
+    iterations: int
+    converged: bool
+
+
+def _augment(phi: torch.Tensor) -> torch.Tensor:
+    return torch.cat([phi, torch.ones(phi.shape[0], 1, dtype=phi.dtype, device=phi.device)], dim=1)
+
+
+def _penalty_mask(d: int, like: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(d + 1, dtype=like.dtype, device=like.device)
+    mask[-1] = 0.0
+    return mask
+
+
+def fit_ridge(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-3
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form ridge readout onto one-hot targets: min (1/N)·||A Θᵀ − Y||² + l2·||W||².
+
+    Returns (weight [K, d], bias [K]). The bias is not penalised.
+    """
+    n, d = phi.shape
+    a = _augment(phi.to(torch.float64))
+    target = F.one_hot(y, num_classes).to(torch.float64)
+    gram = a.T @ a / n + torch.diag(l2 * _penalty_mask(d, a))
+    theta = torch.linalg.solve(gram, a.T @ target / n).T  # [K, d+1]
+    theta = theta.to(phi.dtype)
+    return theta[:, :d].contiguous(), theta[:, d].contiguous()
+
+
+def logistic_objective(phi: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       l2: float) -> float:
+    logits = phi @ weight.T + bias
+    return float(F.cross_entropy(logits, y) + 0.5 * l2 * (weight * weight).sum())
+
+
+def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-4,
+                 weight0: torch.Tensor | None = None, bias0: torch.Tensor | None = None,
+                 max_iter: int = 100, tol: float = 1e-5, history: int = 10) -> ReadoutFit:
+    """Multinomial logistic readout, warm-started from (weight0, bias0) when given.
+
+    ``tol`` bounds the largest absolute entry of the gradient of the objective at exit.
+    Runs in the dtype of ``phi`` (float32 is plenty for a warm-started refit; use float64
+    for reference comparisons).
+    """
+    n, d = phi.shape
+    k = num_classes
+    a = _augment(phi)
+    dtype, device = a.dtype, a.device
+    mask = _penalty_mask(d, a)
+    theta = torch.zeros(k, d + 1, dtype=dtype, device=device)
+    if weight0 is not None:
+        theta[:, :d] = weight0.to(dtype)
+    if bias0 is not None:
+        theta[:, d] = bias0.to(dtype)
+    onehot = F.one_hot(y, k).to(dtype)
+
+    # Böhning-type bound in feature space: H ≤ I_K ⊗ (½·AᵀA/N + l2·M); factor it once.
+    bound = 0.5 * (a.T @ a) / n + torch.diag(l2 * mask + 1e-8)
+    chol = torch.linalg.cholesky(bound)
+
+    def precondition(g: torch.Tensor) -> torch.Tensor:  # g: [K, d+1] → B⁻¹ g (per class row)
+        return torch.cholesky_solve(g.T, chol).T
+
+    def value_and_grad(logits: torch.Tensor, th: torch.Tensor) -> tuple[float, torch.Tensor]:
+        logp = torch.log_softmax(logits, dim=1)
+        value = -(logp * onehot).sum() / n + 0.5 * l2 * ((th * th) @ mask).sum()
+        grad = (logp.exp() - onehot).T @ a / n + l2 * th * mask
+        return float(value), grad
+
+    logits = a @ theta.T
+    value, grad = value_and_grad(logits, theta)
+    s_hist: list[torch.Tensor] = []
+    y_hist: list[torch.Tensor] = []
+    converged = False
+    it = 0
+    for it in range(1, max_iter + 1):
+        if float(grad.abs().max()) < tol:
+            converged = True
+            it -= 1
+            break
+        # L-BFGS two-loop recursion with the bound as the initial inverse Hessian.
+        q = grad.clone()
+        alphas = []
+        for s, yv in zip(reversed(s_hist), reversed(y_hist), strict=True):
+            rho = 1.0 / float((yv * s).sum())
+            alpha = rho * float((s * q).sum())
+            q -= alpha * yv
+            alphas.append((rho, alpha))
+        r = precondition(q)
+        for (s, yv), (rho, alpha) in zip(zip(s_hist, y_hist, strict=True), reversed(alphas), strict=True):
+            beta = rho * float((yv * r).sum())
+            r += (alpha - beta) * s
+        direction = -r
+        slope = float((grad * direction).sum())
+        if slope >= 0:  # not a descent direction: fall back to the plain bound step
+            s_hist.clear()
+            y_hist.clear()
+            direction = -precondition(grad)
+            slope = float((grad * direction).sum())
+        ad = a @ direction.T  # [N, K]: logits move linearly along the direction
+        step = 1.0
+        for _ in range(30):
+            new_theta = theta + step * direction
+            new_logits = logits + step * ad
+            logp = torch.log_softmax(new_logits, dim=1)
+            new_value = float(-(logp * onehot).sum() / n
+                              + 0.5 * l2 * ((new_theta * new_theta) @ mask).sum())
+            if new_value <= value + 1e-4 * step * slope:
+                break
+            step *= 0.5
+        else:
+            converged = True  # no decrease possible at float precision
+            break
+        new_value, new_grad = value_and_grad(new_logits, new_theta)
+        s_vec, y_vec = new_theta - theta, new_grad - grad
+        if float((s_vec * y_vec).sum()) > 1e-12:
+            s_hist.append(s_vec)
+            y_hist.append(y_vec)
+            if len(s_hist) > history:
+                s_hist.pop(0)
+                y_hist.pop(0)
+        rel = abs(value - new_value) / max(abs(value), 1e-12)
+        theta, logits, value, grad = new_theta, new_logits, new_value, new_grad
+        if rel < 1e-10:
+            converged = True
+            break
+    return ReadoutFit(theta[:, :d].contiguous(), theta[:, d].contiguous(), value, it, converged)
