@@ -49,16 +49,19 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.port = name, free_port()
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path,
+                 cpus: set[int] | None = None) -> None:
+        self.name, self.port, self.cpus = name, free_port(), cpus
         self.argv = [a.replace("{port}", str(self.port)) for a in argv]
         self.env, self.log = env, log
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            cpus = self.cpus
+            self.proc = subprocess.Popen(
+                self.argv, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -137,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ingest-concurrency", default="1,4")
     ap.add_argument("--bootstrap-epochs", type=int, default=10)
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin the load generator to CPU 0 and the servers to the other CPUs (best on an "
+                         "idle machine; on a shared one it can put the servers next to a busy job)")
     args = ap.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     load_before = os.getloadavg()
@@ -150,17 +156,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bootstrapped v{boot['version']} ({boot['arch']}, holdout acc {boot['holdout_acc']:.3f}) "
           f"in {time.perf_counter() - t0:.1f}s", flush=True)
 
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpus: set[int] | None = None
+    if args.pin and len(cpus) >= 2:
+        server_cpus = set(cpus[1:])
+        os.sched_setaffinity(0, {cpus[0]})  # this process is the load generator
+    args.pinning = (f"load generator pinned to CPU {cpus[0]}, servers to CPU(s) "
+                    f"{','.join(map(str, sorted(server_cpus)))}" if server_cpus else "no CPU pinning")
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("SKQK_")}
     skqk_env = {**base_env, "SKQK_DATA_DIR": str(data_dir), "SKQK_API_KEY": "bench",
                 "SKQK_LOG_LEVEL": "warning", "SKQK_DEVICE": "cpu"}
     uvicorn = [sys.executable, "-m", "uvicorn", "--host", HOST, "--port", "{port}", "--log-level", "warning",
                "--no-access-log"]
     serve = [sys.executable, "-m", "app.cli", "serve", "--host", HOST, "--port", "{port}"]
+    nobatch_env = {**skqk_env, "SKQK_MAX_BATCH_SIZE": "1"}
     servers = [
-        Server("ceiling: raw ASGI", [*uvicorn, "bench._ceiling:raw_app"], base_env, work / "raw.log"),
-        Server("ceiling: FastAPI", [*uvicorn, "bench._ceiling:fastapi_app"], base_env, work / "fastapi.log"),
-        Server("skqk, no batching", serve, {**skqk_env, "SKQK_MAX_BATCH_SIZE": "1"}, work / "nobatch.log"),
-        Server("skqk, batching", serve, skqk_env, work / "batch.log"),
+        Server("ceiling: raw ASGI", [*uvicorn, "bench._ceiling:raw_app"], base_env, work / "raw.log",
+               server_cpus),
+        Server("ceiling: FastAPI", [*uvicorn, "bench._ceiling:fastapi_app"], base_env, work / "fastapi.log",
+               server_cpus),
+        Server("skqk, no batching", serve, nobatch_env, work / "nobatch.log", server_cpus),
+        Server("skqk, batching", serve, skqk_env, work / "batch.log", server_cpus),
     ]
     results: dict[tuple[str, int], list[RunResult]] = {}
     ingest: dict[int, list[float]] = {}
@@ -241,8 +257,8 @@ same interleaved rounds are the meaningful part.
 Model: version {boot['version']}, `{boot['arch']}` bootstrapped on digits (holdout acc
 {boot['holdout_acc']:.3f}); requests are single digits rows (64 features) to `POST /predict`.
 Closed loop, keep-alive, C connections; {args.runs} interleaved runs per cell, each capped at
-{args.seconds:g} s / {args.max_requests:,} requests; the table shows the median of the runs
-(req/s of each run listed). Batching: `SKQK_MAX_BATCH_SIZE=64`, `SKQK_MAX_QUEUE_DELAY_MS=2`;
+{args.seconds:g} s / {args.max_requests:,} requests; {args.pinning}. The table shows the median
+of the runs (req/s of each run listed). Batching: `SKQK_MAX_BATCH_SIZE=64`, `SKQK_MAX_QUEUE_DELAY_MS=2`;
 "no batching" is the same service with `SKQK_MAX_BATCH_SIZE=1`.
 
 {markdown_table(["C", "server", "req/s", "p50 ms", "p99 ms", "÷ raw ASGI", "÷ FastAPI const",
