@@ -1,0 +1,158 @@
+"""Hypothesis 1: structural knowledge stabilises early in training.
+
+For each seed, a full training run without early stopping records, per epoch, on a fixed
+probe set (the first ``probe_size`` validation samples): the fraction of ReLU gates flipped
+since the previous epoch (and of max-pool choices), the fraction still differing from the
+final epoch's pattern, the relative change of the weights, and train/validation loss.
+Output: ``stability_<dataset>_<arch>.{json,md,png}`` with mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.core.data import load_dataset
+from app.core.network import PathSelector, ReLUNet
+from app.core.spec import resolve_arch
+from app.core.structure import gate_flip_fraction
+from app.core.training import TrainConfig, train_full
+from app.experiments.report import markdown_table, mean_std, pyplot, slug, write_json
+
+CURVES = ("gate_flip", "pool_flip", "gate_diff_to_final", "weight_rel_change", "train_loss",
+          "val_loss", "val_acc")
+
+
+def run_seed(dataset: str, arch: str, seed: int, epochs: int, batch_size: int, lr: float,
+             probe_size: int, device: str | None, synthetic_n: int) -> dict[str, Any]:
+    data = load_dataset(dataset, seed=seed, synthetic_n=synthetic_n)
+    spec = resolve_arch(arch, data.input_dim, data.num_classes)
+    net = ReLUNet(spec, seed=seed)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=epochs + 1, seed=seed,
+                      device=device, probe_size=probe_size)
+    probe = data.val.x[:probe_size]
+    patterns = []
+
+    def on_epoch(_metrics: dict[str, Any]) -> None:
+        patterns.append(PathSelector(net).packed_structure(probe.to(next(net.parameters()).device)))
+
+    started = time.perf_counter()
+    result = train_full(net, data.train, data.val, cfg, on_epoch=on_epoch, track_stability=True)
+    history = result.history
+    final = patterns[-1]
+    for h, p in zip(history, patterns, strict=True):
+        h["gate_diff_to_final"] = gate_flip_fraction(p, final)
+    return {"seed": seed, "arch": spec.name, "history": history, "wall_s": time.perf_counter() - started,
+            "num_gates": final.num_gates, "has_pools": bool(final.pool_choices)}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    epochs = min(len(r["history"]) for r in runs)
+    curves: dict[str, dict[str, list[float]]] = {}
+    for key in CURVES:
+        values = np.array([[r["history"][e][key] for e in range(epochs)] for r in runs], dtype=float)
+        curves[key] = {"mean": values.mean(0).tolist(),
+                       "std": (values.std(0, ddof=1) if len(runs) > 1 else values.std(0) * 0).tolist()}
+    gate = np.array(curves["gate_flip"]["mean"])
+    val = np.array(curves["val_loss"]["mean"])
+    train = np.array(curves["train_loss"]["mean"])
+    # first epoch from which every later epoch flips < 1 % of gates
+    settled = next((e + 1 for e in range(epochs) if (gate[e:] < 0.01).all()), None)
+    summary: dict[str, Any] = {"epochs": epochs, "settled_epoch_1pct": settled}
+    if settled is not None:
+        drop = train[0] - train.min()
+        summary["train_loss_drop_after_settled"] = (
+            float((train[settled - 1] - train.min()) / drop) if drop > 0 else 0.0)
+        summary["val_loss_at_settled"] = float(val[settled - 1])
+    summary["best_val_epoch"] = int(val.argmin()) + 1
+    return {"curves": curves, "summary": summary}
+
+
+def plot(summary: dict[str, Any], title: str, path: Path) -> None:
+    plt = pyplot()
+    curves = summary["curves"]
+    epochs = np.arange(1, len(curves["gate_flip"]["mean"]) + 1)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    ax2 = ax.twinx()
+
+    def band(axis, key: str, color: str, label: str, style: str = "-") -> None:
+        m = np.array(curves[key]["mean"])
+        s = np.array(curves[key]["std"])
+        axis.plot(epochs, m, style, color=color, label=label, lw=1.6)
+        axis.fill_between(epochs, np.maximum(m - s, 1e-6), m + s, color=color, alpha=0.2, lw=0)
+
+    band(ax, "gate_flip", "tab:red", "gates flipped since last epoch")
+    band(ax, "gate_diff_to_final", "tab:orange", "gates differing from final", "--")
+    band(ax, "weight_rel_change", "tab:purple", "relative weight change", ":")
+    band(ax2, "train_loss", "tab:blue", "train loss")
+    band(ax2, "val_loss", "tab:green", "validation loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("fraction (log)")
+    ax2.set_ylabel("cross-entropy")
+    ax.set_title(title, fontsize=10)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(dataset: str, arch: str, runs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    curves = summary["curves"]
+    n = summary["summary"]["epochs"]
+    shown = sorted({1, 2, 3, 5, 10, 15, 20, 30, 40, 50, n} & set(range(1, n + 1)))
+
+    def cell(key: str, e: int, scale: float = 1.0, digits: int = 3) -> str:
+        m, s = curves[key]["mean"][e - 1] * scale, curves[key]["std"][e - 1] * scale
+        return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+    rows = [[e, cell("gate_flip", e, 100, 2), cell("gate_diff_to_final", e, 100, 2),
+             cell("weight_rel_change", e, 100, 2), cell("train_loss", e), cell("val_loss", e),
+             cell("val_acc", e, 100, 1)] for e in shown]
+    s = summary["summary"]
+    walls = mean_std([r["wall_s"] for r in runs])
+    head = (f"### {dataset} / {runs[0]['arch']} ({len(runs)} seeds, {n} epochs, "
+            f"{runs[0]['num_gates']} gates per sample, {walls[0]:.1f} s per run)\n\n")
+    table = markdown_table(["epoch", "gates flipped %", "differ from final %", "weight change %",
+                            "train loss", "val loss", "val acc %"], rows)
+    settled = s.get("settled_epoch_1pct")
+    if settled:
+        tail = (f"\n\nGates flip < 1 % per epoch from epoch {settled} on, when "
+                f"{100 * s['train_loss_drop_after_settled']:.0f} % of the train-loss decrease was still "
+                f"to come; best validation loss at epoch {s['best_val_epoch']}.\n")
+    else:
+        tail = (f"\n\nGates never flip < 1 % per epoch for good within {n} epochs; best validation "
+                f"loss at epoch {s['best_val_epoch']}.\n")
+    return head + table + tail
+
+
+def run_stability(dataset: str, archs: list[str], seeds: int, epochs: int, out: Path,
+                  batch_size: int = 128, lr: float = 1e-3, probe_size: int = 512,
+                  device: str | None = None, synthetic_n: int = 20_000,
+                  log=print) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"dataset": dataset, "seeds": seeds, "epochs": epochs, "archs": {}}
+    sections = [f"# Hypothesis 1 — SK stability on {dataset}\n"]
+    for arch in archs:
+        runs = []
+        for seed in range(seeds):
+            runs.append(run_seed(dataset, arch, seed, epochs, batch_size, lr, probe_size, device,
+                                 synthetic_n))
+            log(f"stability {dataset} {arch} seed {seed}: {runs[-1]['wall_s']:.1f}s")
+        summary = summarise(runs)
+        name = slug(f"stability_{dataset}_{runs[0]['arch']}")
+        plot(summary, f"SK stability: {dataset} / {runs[0]['arch']} ({seeds} seeds, mean ± std)",
+             out / f"{name}.png")
+        md = markdown(dataset, arch, runs, summary)
+        sections.append(md + f"\n![{name}]({name}.png)\n")
+        results["archs"][runs[0]["arch"]] = {"runs": runs, **summary}
+        write_json(out / f"{name}.json", {"dataset": dataset, "arch": runs[0]["arch"], "runs": runs,
+                                          **summary})
+    (out / f"stability_{slug(dataset)}.md").write_text("\n".join(sections))
+    return results
