@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -12,6 +15,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app.core.training import TrainConfig
 from app.experiments.cli import experiment_app
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+    from app.storage import Store
 
 cli = typer.Typer(help="skqk-serve: serve ReLU nets as selector+estimator; cheap QK retrains.",
                   no_args_is_help=True, add_completion=False)
@@ -130,10 +137,10 @@ def retrain(mode: str = typer.Option("qk", help="qk (estimator only, structure f
             ) -> None:
     """Run one retrain job here, in this process, and print its result.
 
-    Same job as POST /retrain (same single-flight lease); running servers pick up a
-    promotion on their next poll.
+    Same job as POST /retrain (same single-flight lease, and the Redis lock in distributed
+    mode); running servers pick up a promotion on their next poll, or at once over Redis.
     """
-    from app.serving.retrain_job import MODES, run_retrain_job
+    from app.serving.retrain_job import MODES
     from app.serving.runner import RETRAIN_LEASE, acquire_retrain_lease, new_job_id
 
     if mode not in MODES:
@@ -147,6 +154,34 @@ def retrain(mode: str = typer.Option("qk", help="qk (estimator only, structure f
     if not acquire_retrain_lease(store, job_id, settings.retrain_lease_s):
         console.print(f"[red]retrain job {store.lease_holder(RETRAIN_LEASE)} is already running")
         raise typer.Exit(1)
+    with contextlib.ExitStack() as stack:
+        fence = None
+        if settings.redis_url:  # distributed: the workers' single-flight lock applies here too
+            from app.distributed import LockHeartbeat, RetrainLock, redis_client
+
+            lock = RetrainLock(redis_client(settings.redis_url), settings.retrain_lease_s)
+            if not lock.acquire(job_id):
+                store.release_lease(RETRAIN_LEASE, job_id)
+                console.print(f"[red]retrain job {lock.holder()} is already running")
+                raise typer.Exit(1)
+            stack.callback(lock.release)
+            stack.enter_context(LockHeartbeat(lock, settings.retrain_lease_s))
+            fence = lock.owned
+        result = _run_cli_retrain(store, settings, job_id, mode, fence)
+    verdict = "[green]promoted" if result["promoted"] else "[yellow]not promoted"
+    console.print(f"{verdict}[/]: version {result['candidate_version']} — {result['reason']}")
+    console.print_json(json.dumps(result))
+    if result["promoted"] and settings.redis_url:
+        from app.distributed import publish_activated, redis_client
+
+        publish_activated(redis_client(settings.redis_url), int(result["candidate_version"]))
+
+
+def _run_cli_retrain(store: Store, settings: Settings, job_id: str, mode: str,
+                     fence: Callable[[], bool] | None) -> dict:
+    from app.serving.retrain_job import run_retrain_job
+    from app.serving.runner import RETRAIN_LEASE
+
     try:
         store.create_job(job_id, mode, runner="cli")
 
@@ -158,16 +193,36 @@ def retrain(mode: str = typer.Option("qk", help="qk (estimator only, structure f
 
         console.print(f"retrain job {job_id} ({mode}) on {_safe_url(store.url)}")
         try:
-            result = run_retrain_job(store, settings, job_id, mode, on_progress=on_progress, actor="cli")
+            return run_retrain_job(store, settings, job_id, mode, on_progress=on_progress, fence=fence,
+                                   actor="cli")
         except Exception as exc:
             console.print(f"[red]retrain failed: {exc}")
             raise typer.Exit(1) from None
     finally:
         store.release_lease(RETRAIN_LEASE, job_id)
         store.dispose()
-    verdict = "[green]promoted" if result["promoted"] else "[yellow]not promoted"
-    console.print(f"{verdict}[/]: version {result['candidate_version']} — {result['reason']}")
-    console.print_json(json.dumps(result))
+
+
+@cli.command()
+def worker(queues: str = typer.Option("gpu", help="Celery queues to consume"),
+           concurrency: int = typer.Option(1, min=1, help="pool processes; one per GPU"),
+           loglevel: str = typer.Option("info")) -> None:
+    """Run a Celery retrain worker (distributed mode: needs SKQK_REDIS_URL).
+
+    Prefork pool, one task per child process: the parent never initialises CUDA, and each
+    retrain runs in a fresh child with its own CUDA context.
+    """
+    from app.settings import get_settings
+
+    if not get_settings().redis_url:
+        console.print("[red]skqk worker needs SKQK_REDIS_URL (the Celery broker)")
+        raise typer.Exit(2)
+    from workers.celery_app import celery_app
+
+    celery_app.worker_main(["worker", "--queues", queues, "--concurrency", str(concurrency),
+                            "--pool", "prefork", "--prefetch-multiplier", "1",
+                            "--max-tasks-per-child", "1", "--loglevel", loglevel,
+                            "--without-gossip", "--without-mingle"])
 
 
 def main() -> None:

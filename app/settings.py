@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     retrain_isolation: Literal["process", "thread"] = Field(
         "process", description="embedded runner: spawn a child process (default) or use a thread")
     retrain_lease_s: float = Field(60.0, gt=1, description="single-flight lease, renewed while training")
+    retrain_time_limit_s: int = Field(3600, ge=60, description="Celery hard time limit of one retrain")
+    retrain_queue_timeout_s: float = Field(
+        600.0, gt=1, description="distributed: a job no worker started within this is dropped")
 
     # ---- derived ---------------------------------------------------------------------------
     @property

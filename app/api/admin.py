@@ -10,6 +10,7 @@ from starlette.responses import Response
 from app.api.errors import ApiError, FastJSONResponse, parse_body
 from app.api.schemas import ActivateRequest, RetrainRequest
 from app.api.state import RETRY_AFTER, get_state, require_api_key, store_unavailable
+from app.distributed import publish_activated, redis_client
 from app.serving.runner import RetrainInProgress, RetrainQueueUnavailable
 from app.storage import UnknownVersion
 
@@ -40,6 +41,22 @@ async def retrain_status(job_id: str, request: Request) -> Response:
     if job is None:
         raise ApiError(404, f"job_id: no retrain job {job_id!r}")
     return FastJSONResponse(job.to_dict())
+
+
+@router.post("/retrain/{job_id}/cancel", dependencies=[Depends(require_api_key)])
+async def cancel_retrain(job_id: str, request: Request) -> Response:
+    """Ask a queued/running job to stop (checked between epochs); it ends as ``failed``."""
+    st = get_state(request)
+    try:
+        cancelled = await run_in_threadpool(st.runner.cancel, job_id)
+    except RetrainQueueUnavailable as exc:
+        raise ApiError(503, f"retrain queue unavailable: {exc}", RETRY_AFTER) from None
+    if not cancelled:
+        job = await run_in_threadpool(st.runner.status, job_id)
+        if job is None:
+            raise ApiError(404, f"job_id: no retrain job {job_id!r}")
+        raise ApiError(409, f"job {job_id} is already {job.status}", job_id=job_id)
+    return FastJSONResponse({"job_id": job_id, "status": "cancelling"}, status_code=202)
 
 
 @router.get("/models")
@@ -76,5 +93,7 @@ async def activate(version: int, request: Request) -> Response:
         raise ApiError(409, f"version {version} failed to load and was not activated "
                             f"({type(exc).__name__}: {exc}); still serving "
                             f"{serving.version if serving else 'nothing'}") from None
+    if st.settings.redis_url:  # tell the other replicas now rather than at their next poll
+        await run_in_threadpool(publish_activated, redis_client(st.settings.redis_url), loaded.version)
     return FastJSONResponse({"active_version": loaded.version, "previous_version": previous,
                              "serving_version": st.holder.current.version if st.holder.current else None})

@@ -4,7 +4,8 @@ retrain runner and metrics together in the lifespan.
 Startup never blocks on the model: ``/v2/health/live`` answers at once, ``/v2/health/ready``
 turns 200 once the active version is loaded and warmed up. A background task re-reads the
 active version every ``poll_interval_s`` (``ModelHolder.refresh``), so a replica follows
-promotions made anywhere, with or without Redis.
+promotions made anywhere, with or without Redis; in distributed mode a Redis subscriber
+calls the same ``refresh`` as soon as a worker or another replica announces a promotion.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from app.api.errors import install_error_handlers
 from app.api.fastpath import InferenceFastPath
 from app.api.middleware import ServingMiddleware
 from app.api.state import AppState
+from app.distributed import ActivationSubscriber
 from app.serving.batcher import Batcher
 from app.serving.holder import ModelHolder
 from app.serving.metrics import ServingMetrics
@@ -99,9 +101,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         runner = build_runner(settings, st_store, on_finished=on_finished, metrics=metrics)
         app.state.skqk = AppState(settings, st_store, metrics, holder, batcher, runner, api_key)
         poll = asyncio.create_task(_poll_active_version(holder, settings.poll_interval_s))
+        subscriber = None
+        if settings.redis_url:  # distributed: hear promotions at once; the poll covers lost messages
+            subscriber = ActivationSubscriber(settings.redis_url, lambda _v: holder.refresh(force=True))
+            subscriber.start()
         try:
             yield
         finally:
+            if subscriber is not None:
+                subscriber.stop()
             poll.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poll

@@ -77,11 +77,14 @@ def run_retrain_job(store: Store, settings: Settings, job_id: str, mode: str, *,
                     should_cancel: Callable[[], bool] | None = None,
                     corrupt_candidate: CandidateHook | None = None,
                     on_progress: ProgressHook | None = None,
+                    fence: Callable[[], bool] | None = None,
                     actor: str | None = None) -> dict[str, Any]:
     """Run one retrain job to completion; returns (and stores) its result dict.
 
     Raises on failure after marking the job ``failed`` with the error message.
-    ``corrupt_candidate`` is applied to the trained candidate before evaluation.
+    ``corrupt_candidate`` is applied to the trained candidate before evaluation. ``fence``
+    is asked right before promotion (a Celery worker: "do I still hold the retrain lock?");
+    False registers the candidate but does not promote it.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -97,7 +100,7 @@ def run_retrain_job(store: Store, settings: Settings, job_id: str, mode: str, *,
     store.update_job(job_id, status="running", started_at=utcnow(), progress=progress)
     try:
         result = _run(store, settings, job_id, mode, should_cancel, corrupt_candidate, report,
-                      actor or f"retrain:{job_id}", started)
+                      actor or f"retrain:{job_id}", started, fence)
     except TrainingCancelled as exc:
         store.update_job(job_id, status="failed", finished_at=utcnow(), error=f"cancelled: {exc}",
                          progress={**progress, "phase": "cancelled"})
@@ -114,7 +117,8 @@ def run_retrain_job(store: Store, settings: Settings, job_id: str, mode: str, *,
 
 def _run(store: Store, settings: Settings, job_id: str, mode: str,
          should_cancel: Callable[[], bool] | None, corrupt_candidate: CandidateHook | None,
-         report: Callable[..., None], actor: str, started: float) -> dict[str, Any]:
+         report: Callable[..., None], actor: str, started: float,
+         fence: Callable[[], bool] | None = None) -> dict[str, Any]:
     champion_version = store.active_version()
     if champion_version is None:
         raise RetrainError("no active model version to retrain from")
@@ -170,7 +174,9 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
     version = register_model(store, candidate, mode=mode, parent=champion_version, metrics=metrics,
                              data_watermark=watermark, job_id=job_id)
     promoted = False
-    if gate_ok:
+    if gate_ok and fence is not None and not fence():
+        reason = "not promoted: this job lost the retrain lock (another job owns it now)"
+    elif gate_ok:
         promoted = store.compare_and_set_active(
             version, champion_version, actor=actor,
             reason=f"{mode} retrain: holdout acc {cand_acc:.4f} vs champion {champ_acc:.4f}")

@@ -59,6 +59,10 @@ class RetrainRunner(Protocol):
         """The job row (None when unknown)."""
         ...
 
+    def cancel(self, job_id: str) -> bool:
+        """Stop a queued/running job between epochs; False when it is not running."""
+        ...
+
     def close(self) -> None:
         """Stop background work (server shutdown)."""
         ...
@@ -123,6 +127,7 @@ class EmbeddedRunner:
         self.metrics = metrics
         self.isolation = isolation or settings.retrain_isolation
         self._closing = threading.Event()
+        self._cancelled: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._processes: dict[str, multiprocessing.process.BaseProcess] = {}
         self._lock = threading.Lock()
@@ -175,7 +180,7 @@ class EmbeddedRunner:
                 torch.set_num_threads(self.settings.retrain_threads)  # per OS thread for OpenMP
                 with contextlib.suppress(Exception):  # recorded in the job row by run_retrain_job
                     run_retrain_job(self.store, self.settings, job_id, mode,
-                                    should_cancel=self._closing.is_set)
+                                    should_cancel=lambda: self._closing.is_set() or job_id in self._cancelled)
         except Exception as exc:
             log.exception("retrain supervisor failed")
             self._fail_if_unfinished(job_id, f"{type(exc).__name__}: {exc}")
@@ -218,6 +223,18 @@ class EmbeddedRunner:
             except Exception:
                 log.exception("on_finished hook failed for job %s", job_id)
 
+    def cancel(self, job_id: str) -> bool:
+        job = self.store.get_job(job_id)
+        if job is None or job.status not in ("queued", "running"):
+            return False
+        with self._lock:
+            self._cancelled.add(job_id)
+            process = self._processes.get(job_id)
+        if process is not None and process.is_alive():
+            process.terminate()  # a child process holds no state worth a graceful stop
+            self.store.fail_job_if_unfinished(job_id, "cancelled by request")
+        return True
+
     def close(self, timeout: float = 10.0) -> None:
         self._closing.set()
         with self._lock:
@@ -246,6 +263,9 @@ class UnavailableRunner:
     def status(self, job_id: str) -> JobRecord | None:
         return self.store.get_job(job_id)
 
+    def cancel(self, job_id: str) -> bool:
+        raise RetrainQueueUnavailable(self.reason)
+
     def close(self) -> None:
         pass
 
@@ -254,10 +274,12 @@ def build_runner(settings: Settings, store: Store, on_finished: FinishedHook | N
                  metrics: ServingMetrics | None = None, **kwargs: Any) -> RetrainRunner:
     """The runner for these settings: embedded when ``redis_url`` is unset.
 
-    Distributed mode (issue 4) returns a Celery-backed runner here, with the same protocol;
-    ``on_finished`` is only meaningful in-process (replicas learn about promotions through
-    ``ModelHolder.refresh``).
+    Distributed mode (``SKQK_REDIS_URL`` set) returns the Celery-backed runner, with the same
+    protocol; ``on_finished`` is only meaningful in-process (replicas learn about promotions
+    through Redis pub/sub and their poll, both ending in ``ModelHolder.refresh``).
     """
     if settings.redis_url is None:
         return EmbeddedRunner(store, settings, on_finished=on_finished, metrics=metrics, **kwargs)
-    return UnavailableRunner(store, "SKQK_REDIS_URL is set but no distributed retrain runner is installed")
+    from app.serving.celery_runner import CeleryRunner
+
+    return CeleryRunner(store, settings)

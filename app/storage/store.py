@@ -400,6 +400,15 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(update(retrain_jobs).where(retrain_jobs.c.job_id == job_id).values(**values))
 
+    def fail_job_if_unfinished(self, job_id: str, error: str) -> bool:
+        """Mark a queued/running job failed; a no-op (False) once it has finished."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            res = conn.execute(update(retrain_jobs).where(
+                retrain_jobs.c.job_id == job_id, retrain_jobs.c.status.in_(("queued", "running")))
+                .values(status="failed", error=error, finished_at=now, updated_at=now))
+            return res.rowcount == 1
+
     @staticmethod
     def _job(row: Any) -> JobRecord:
         return JobRecord(job_id=row["job_id"], mode=row["mode"], status=row["status"],

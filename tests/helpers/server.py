@@ -63,11 +63,12 @@ def copy_store(template_dir: Path, data_dir: Path) -> Path:
 
 class ServerProcess:
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None, port: int | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), command: list[str] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.env = env or fast_env(self.data_dir)
         self.port = port or free_port()
         self.extra_args = extra_args
+        self.command = command  # default: ``python -m app.cli serve`` on this port
         self.log_path = self.data_dir / f"server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -82,8 +83,8 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             *self.extra_args],
+            self.command or [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1",
+                             "--port", str(self.port), *self.extra_args],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self.wait_ready(ready_timeout)

@@ -1,0 +1,161 @@
+"""The distributed deployment on real services: a private redis-server, a fresh Postgres
+database, a real Celery worker and two real API replicas, each started with the very
+command docker-compose.yml gives its service."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.compose import compose_command
+from tests.helpers.pg import temporary_database
+from tests.helpers.server import API_KEY, REPO, ServerProcess, fast_env, free_port
+
+LEASE_S = 4  # the worker's lock TTL: a killed worker's lock is gone within this
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1,
+               what: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError, redis.RedisError):
+            value = predicate()
+            if value:
+                return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A real redis-server of our own, so the tests can stop and restart it at will."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        wait_until(client.ping, 10, what="redis-server to answer")
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@dataclass
+class Process:
+    """A CLI process in its own group, logging to a file."""
+
+    cmd: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self) -> Process:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
+
+    def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(20)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill_group(signal.SIGTERM)
+            if self.proc.poll() is None:
+                self.kill_group(signal.SIGKILL)
+
+
+@dataclass
+class Deployment:
+    redis: RedisServer
+    env: dict[str, str]
+    workdir: Path
+    replicas: list[ServerProcess] = field(default_factory=list)
+    workers: list[Process] = field(default_factory=list)
+
+    def start_worker(self, **overrides: str) -> Process:
+        env = {**self.env, **overrides}
+        worker = Process(compose_command("worker"), env,
+                         self.workdir / f"worker{len(self.workers)}.log").start()
+        self.workers.append(worker)
+        wait_until(lambda: "ready." in worker.log(), 60, 0.2, what=f"celery worker ready:\n{worker.log()}")
+        return worker
+
+    def start_replica(self) -> ServerProcess:
+        port = free_port()
+        cmd = compose_command("api", host="127.0.0.1", port=str(port))
+        replica = ServerProcess(self.workdir / f"replica{len(self.replicas)}", dict(self.env), port=port,
+                                command=cmd)
+        self.replicas.append(replica)
+        replica.start(ready_timeout=120)
+        # Ready answers from one uvicorn worker; wait until every worker of the replica serves.
+        probe = {"inputs": [[0.0] * 64]}
+        wait_until(lambda: all(httpx.post(f"{replica.url}/predict", json=probe, timeout=5).status_code == 200
+                               for _ in range(16)), 120, 0.5, what=f"all workers of {replica.url} ready")
+        return replica
+
+    def close(self) -> None:
+        for p in self.workers:
+            p.stop()
+        for r in self.replicas:
+            r.stop()
+        self.redis.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    workdir = tmp_path_factory.mktemp("distributed")
+    redis_server = RedisServer(workdir)
+    redis_server.start()
+    with temporary_database(prefix="skqk_dist") as db_url:
+        env = fast_env(workdir, SKQK_DATABASE_URL=db_url, SKQK_REDIS_URL=redis_server.url,
+                       SKQK_RETRAIN_LEASE_S=LEASE_S, SKQK_RETRAIN_QUEUE_TIMEOUT_S=120,
+                       # Long poll: a replica that swaps within a second was told over pub/sub.
+                       SKQK_POLL_INTERVAL_S=30)
+        dep = Deployment(redis_server, env, workdir)
+        try:
+            init = subprocess.run(compose_command("init", epochs="8"), cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=300, check=False)
+            assert init.returncode == 0, init.stdout + init.stderr
+            dep.start_worker()
+            dep.start_replica()
+            dep.start_replica()
+            yield dep
+        finally:
+            dep.close()
+
+
+def admin_headers() -> dict[str, str]:
+    return {"X-API-Key": API_KEY}
