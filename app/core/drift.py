@@ -111,8 +111,9 @@ def structural_drift(selector: PathSelector, reference_x: torch.Tensor, new_x: t
     device = next(selector.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     ref_rows = _sample(reference_x.shape[0], bank_size + query_size, generator)
-    n_bank = min(bank_size, max(ref_rows.numel() // 2, 1))
-    bank_rows, held_rows = ref_rows[:n_bank], ref_rows[n_bank:n_bank + query_size]
+    n_held = min(query_size, ref_rows.numel() // 2)  # small reference sets: split in halves
+    n_bank = min(bank_size, ref_rows.numel() - n_held)
+    bank_rows, held_rows = ref_rows[:n_bank], ref_rows[n_bank:n_bank + n_held]
     new_rows = _sample(new_x.shape[0], query_size, generator)
 
     bank = gate_patterns(selector, reference_x[bank_rows.to(reference_x.device)].to(device))

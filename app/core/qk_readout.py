@@ -151,7 +151,7 @@ def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
                 y_hist.pop(0)
         rel = abs(value - new_value) / max(abs(value), 1e-12)
         theta, logits, value, grad = new_theta, new_logits, new_value, new_grad
-        if rel < 1e-10:
+        if rel < 10 * torch.finfo(dtype).eps:
             converged = True
             break
     return ReadoutFit(theta[:, :d].contiguous(), theta[:, d].contiguous(), value, it, converged)
