@@ -61,3 +61,14 @@ def retrain(dataset: str = typer.Option("digits", help="digits | mnist5k | synth
                           for m, e in entry["methods"].items())
         typer.echo(f"new={entry['new_fraction']:g} shift={entry['shift']}: {cells}")
     typer.echo(f"wrote {out}/retrain_*.{{json,md,png}}")
+
+
+@experiment_app.command()
+def calibrate(directory: Path = typer.Argument(..., help="directory with retrain_*.json"),
+              tolerance: float = typer.Option(0.3, help="allowed QK shortfall, in accuracy points")) -> None:
+    """Drift signals vs the QK − full accuracy gap over retrain experiments; checks the rule."""
+    from app.experiments.calibrate import calibrate as run
+
+    result = run(directory, tolerance / 100)
+    typer.echo(f"{len(result['groups'])} settings; rule agrees in {result['agree']}; "
+               f"wrote {directory}/drift_calibration.{{md,png}}")

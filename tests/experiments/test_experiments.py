@@ -28,6 +28,11 @@ def test_retrain_command_writes_json_markdown_png(tmp_path):
     assert "| qk_fast |" in md and "brightness:0.3" in md
     png = tmp_path / "retrain_digits_mlp-64-256-256-10_new0.2.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = runner.invoke(experiment_app, ["calibrate", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    table = (tmp_path / "drift_calibration.md").read_text()
+    assert table.count("| digits / mlp:64-256-256-10 |") == 2
+    assert (tmp_path / "drift_calibration.png").exists()
 
 
 def test_stability_command_writes_json_markdown_png(tmp_path):
