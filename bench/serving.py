@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -168,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ingest-concurrency", default="1,4")
     ap.add_argument("--bootstrap-epochs", type=int, default=10)
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary data dir and server logs")
     ap.add_argument("--pin", action="store_true",
                     help="pin the load generator to CPU 0 and the servers to the other CPUs (best on an "
                          "idle machine; on a shared one it can put the servers next to a busy job)")
     args = ap.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    args.machine = machine_info()  # before anything here changes torch's thread count
     load_before = os.getloadavg()
     uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     print(f"uptime before: {uptime}", flush=True)
@@ -242,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         for s in servers:
             s.stop()
     load_after = os.getloadavg()
-    cpu = inprocess_costs(data_dir, args.runs)
+    try:
+        cpu = inprocess_costs(data_dir, args.runs)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     md = render(results, ingest, servers, concurrencies, args, boot, load_before, load_after, cpu)
     print(md)
     if not args.no_write:
@@ -277,7 +284,7 @@ def render(results: dict, ingest: dict, servers: list[Server], concurrencies: li
     app_us, raw_us = cpu.get("skqk, batching", float("nan")), cpu.get("raw ASGI constant", float("nan"))
     return f"""## Serving (`bench/serving.py`)
 
-{machine_info()}
+{args.machine}
 
 Load average (1/5/15 min) before: {load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f},
 after: {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}. **Caveat:** this machine has 2 cores,
