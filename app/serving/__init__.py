@@ -1,0 +1,1 @@
+"""Serving: model holder (hot-swap), dynamic batcher, retrain job and runners, bootstrap."""
