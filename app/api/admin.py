@@ -72,8 +72,11 @@ async def list_models(request: Request) -> Response:
     except DBAPIError as exc:
         raise store_unavailable(exc) from None
     serving = st.holder.current
-    return FastJSONResponse({"versions": versions, "active_version": active,
-                             "serving_version": serving.version if serving else None})
+    # The body is the list the contract names; which version is active store-wide and which
+    # one this process serves right now (they differ for a moment during a swap) are headers.
+    headers = {"X-Active-Version": str(active),
+               "X-Serving-Version": str(serving.version if serving else None)}
+    return FastJSONResponse(versions, headers=headers)
 
 
 @router.post("/models/{version}/activate", dependencies=[Depends(require_api_key)])

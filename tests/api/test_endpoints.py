@@ -269,9 +269,11 @@ def test_retrain_validation_and_unknown_jobs(client: httpx.Client) -> None:
 
 
 def test_models_listing_and_activation(client: httpx.Client) -> None:
-    listing = client.get("/models").json()
-    assert listing["active_version"] == 1
-    v1 = next(v for v in listing["versions"] if v["version"] == 1)
+    r = client.get("/models")
+    listing = r.json()
+    assert isinstance(listing, list) and r.headers["x-active-version"] == "1"
+    assert [v["version"] for v in listing if v["active"]] == [1]
+    v1 = next(v for v in listing if v["version"] == 1)
     assert v1["active"] is True and v1["mode"] == "full" and v1["parent"] is None
     assert "holdout_acc" in v1["metrics"] and v1["created_at"]
     r = client.post("/models/1/activate", headers=ADMIN)
