@@ -129,6 +129,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     async def prometheus_metrics(request: Request) -> Response:
         st: AppState = request.app.state.skqk
         metrics.queue_depth.set(st.batcher.queue_depth)
+        # Drift comes from the SQL job table, so every replica reports the same, whoever ran it.
+        with contextlib.suppress(Exception):
+            latest = await asyncio.to_thread(st.store.list_jobs, ("succeeded",), 1)
+            if latest:
+                metrics.set_drift((latest[0].result or {}).get("drift"))
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return SkqkApp(app, settings, metrics)

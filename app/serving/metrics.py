@@ -6,12 +6,15 @@ one worker per container (the usual deployment).
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+DRIFT_SIGNALS = ("nn_ratio", "far_fraction", "rate_ratio", "volume_ratio")
 
 
 class ServingMetrics:
@@ -43,6 +46,18 @@ class ServingMetrics:
         self.ingest_samples = Counter("skqk_ingest_samples", "samples committed by /ingest", registry=r)
         self.retrain_jobs = Counter("skqk_retrain_jobs", "retrain jobs by outcome", ["mode", "outcome"],
                                     registry=r)
+        self.structural_drift = Gauge(
+            "skqk_structural_drift", "drift of new samples' gate patterns, from the latest finished "
+            "retrain (ratios ≈ 1 and far_fraction ≈ 0.05: same distribution)", ["signal"], registry=r)
+        self.drift_recommend_full = Gauge(
+            "skqk_drift_recommend_full", "1 when the latest retrain's drift says: use mode=full", registry=r)
+
+    def set_drift(self, drift: dict[str, Any] | None) -> None:
+        if not drift:
+            return
+        for signal in DRIFT_SIGNALS:
+            self.structural_drift.labels(signal).set(float(drift[signal]))
+        self.drift_recommend_full.set(1.0 if drift["recommend_full"] else 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

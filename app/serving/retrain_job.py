@@ -5,7 +5,9 @@
 1. marks the job ``running`` in the SQL job row and snapshots the data watermark
    (largest sample id) and the active version (the champion);
 2. loads every sample up to the watermark with the champion's feature count and splits it
-   by the stable id rule of :mod:`app.serving.splits` (holdout never trained on);
+   by the stable id rule of :mod:`app.serving.splits` (holdout never trained on); measures
+   the structural drift of the samples added since the selector was trained
+   (:func:`app.core.drift.structural_drift`: does ``mode=full`` look needed?);
 3. ``qk``: trains only the estimator under the champion's frozen selector
    (``app.core.training.train_qk``, structure cached once); ``full``: warm-starts a plain
    ReLU net from the selector and trains every weight; it becomes selector and estimator;
@@ -26,16 +28,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from app.core.data import Split
 from app.core.device import pick_device
+from app.core.drift import structural_drift
 from app.core.network import DecoupledModel, Estimator, PathSelector
 from app.core.training import TrainConfig, TrainingCancelled, evaluate, train_full, train_qk
 from app.serving.models import load_model, register_model
 from app.serving.splits import split_masks
 from app.settings import Settings
-from app.storage import Store
+from app.storage import Store, VersionRecord
 from app.storage.store import utcnow
 
 log = logging.getLogger("skqk.retrain")
@@ -71,6 +75,30 @@ def corrupt_estimator(scale: float = -1.0, noise: float = 5.0, seed: int = 0) ->
                 p.mul_(scale).add_(torch.randn(p.shape, generator=gen).to(p.device) * noise)
 
     return hook
+
+
+def selector_origin(store: Store, record: VersionRecord) -> VersionRecord:
+    """The version whose full training produced this version's selector (its structure)."""
+    while record.mode != "full" and record.parent is not None:
+        parent = store.get_version(record.parent, weights=False)
+        if parent is None:
+            break
+        record = parent
+    return record
+
+
+def selector_drift(store: Store, champion_record: VersionRecord, champion: DecoupledModel,
+                   ids: np.ndarray, x: torch.Tensor) -> dict[str, Any] | None:
+    """Structural drift of the samples added since the selector was trained (None if none)."""
+    origin = selector_origin(store, champion_record)
+    watermark = origin.data_watermark
+    if watermark is None:
+        return None
+    old, new = ids <= watermark, ids > watermark
+    if old.sum() < 2 or new.sum() < 1:
+        return None
+    report = structural_drift(champion.selector, x[torch.from_numpy(old)], x[torch.from_numpy(new)])
+    return {**report.to_dict(), "selector_version": origin.version, "selector_watermark": watermark}
 
 
 def run_retrain_job(store: Store, settings: Settings, job_id: str, mode: str, *,
@@ -123,7 +151,7 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
     if champion_version is None:
         raise RetrainError("no active model version to retrain from")
     watermark = store.max_sample_id()
-    champion, _record = load_model(store, champion_version)
+    champion, champion_record = load_model(store, champion_version)
     spec = champion.spec
     rows = store.load_samples(spec.input_dim, max_id=watermark)
     keep = (rows.y >= 0) & (rows.y < spec.num_outputs)
@@ -135,8 +163,9 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
     sizes = {"n_samples": len(ids), "n_train": len(train), "n_val": len(val), "n_holdout": len(holdout)}
     if len(holdout) < settings.min_holdout or len(train) == 0 or len(val) == 0:
         raise RetrainError(f"not enough samples to retrain: {sizes} (min_holdout={settings.min_holdout})")
+    drift = selector_drift(store, champion_record, champion, ids, x)
     cfg = train_config(settings)
-    report(phase="training", champion_version=champion_version, data_watermark=watermark,
+    report(phase="training", drift=drift, champion_version=champion_version, data_watermark=watermark,
            epochs=cfg.epochs, **sizes)
 
     def on_epoch(m: dict[str, Any]) -> None:
@@ -169,7 +198,7 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
     gate_ok = cand_acc >= champ_acc - settings.promotion_tolerance
     metrics = {"holdout_acc": cand_acc, "holdout_loss": cand_loss, "champion_version": champion_version,
                "champion_holdout_acc": champ_acc, "champion_holdout_loss": champ_loss,
-               "mode": mode, **sizes, **train_result.summary()}
+               "mode": mode, **sizes, **train_result.summary(), "drift": drift}
     report(phase="registering")
     version = register_model(store, candidate, mode=mode, parent=champion_version, metrics=metrics,
                              data_watermark=watermark, job_id=job_id)
@@ -192,6 +221,6 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
             "candidate": {"holdout_acc": cand_acc, "holdout_loss": cand_loss},
             "champion": {"holdout_acc": champ_acc, "holdout_loss": champ_loss},
             "tolerance": settings.promotion_tolerance, "data_watermark": watermark, **sizes,
-            "epochs_run": train_result.summary()["epochs_run"],
+            "epochs_run": train_result.summary()["epochs_run"], "drift": drift,
             "timings": {"train_s": train_s, "structure_s": train_result.structure_s,
                         "eval_s": eval_s, "total_s": total_s}}

@@ -7,6 +7,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 
 from tests.helpers.server import API_KEY
 
@@ -58,6 +59,14 @@ def test_ingest_retrain_promote_predict(server_factory) -> None:
         new_version = result["candidate_version"]
         assert new_version == 2 and result["n_samples"] == 1797 + 600
         assert result["champion"]["holdout_acc"] > 0.5
+        drift = result["drift"]  # the 600 new rows against the 1797 the selector learned on
+        assert drift["selector_version"] == 1 and drift["n_new"] == 512
+        assert drift["volume_ratio"] == 600 / 1797
+        assert drift["nn_ratio"] > 0 and isinstance(drift["recommend_full"], bool)
+        gauges = dict(line.rsplit(" ", 1) for line in c.get("/metrics").text.splitlines()
+                      if line.startswith("skqk_structural_drift{") or line.startswith("skqk_drift_"))
+        assert float(gauges['skqk_structural_drift{signal="nn_ratio"}']) == pytest.approx(drift["nn_ratio"])
+        assert float(gauges["skqk_drift_recommend_full"]) == float(drift["recommend_full"])
 
         # the runner refreshes this replica right after promotion
         deadline = time.monotonic() + 10
