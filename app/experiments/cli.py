@@ -31,8 +31,9 @@ def stability(dataset: str = typer.Option("digits", help="digits | mnist5k | syn
                             log=typer.echo)
     for name, r in results["archs"].items():
         summary = r["summary"]
-        typer.echo(f"{dataset}/{name}: gates settle (<1%/epoch) at epoch "
-                   f"{summary['settled_epoch_1pct']}; best val loss at epoch {summary['best_val_epoch']}")
+        typer.echo(f"{dataset}/{name}: gates flip <5%/epoch from epoch {summary['settled_epoch_5pct']}, "
+                   f"<1% from {summary['settled_epoch_1pct']}; best val loss at epoch "
+                   f"{summary['best_val_epoch']}")
     typer.echo(f"wrote {out}/stability_*.{{json,md,png}}")
 
 

@@ -55,19 +55,22 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in CURVES:
         values = np.array([[r["history"][e][key] for e in range(epochs)] for r in runs], dtype=float)
         curves[key] = {"mean": values.mean(0).tolist(),
-                       "std": (values.std(0, ddof=1) if len(runs) > 1 else values.std(0) * 0).tolist()}
+                       "std": (values.std(0, ddof=1) if len(runs) > 1 else values.std(0) * 0).tolist(),
+                       "median": np.median(values, 0).tolist()}
     gate = np.array(curves["gate_flip"]["mean"])
     val = np.array(curves["val_loss"]["mean"])
     train = np.array(curves["train_loss"]["mean"])
-    # first epoch from which every later epoch flips < 1 % of gates
-    settled = next((e + 1 for e in range(epochs) if (gate[e:] < 0.01).all()), None)
-    summary: dict[str, Any] = {"epochs": epochs, "settled_epoch_1pct": settled}
-    if settled is not None:
-        drop = train[0] - train.min()
-        summary["train_loss_drop_after_settled"] = (
-            float((train[settled - 1] - train.min()) / drop) if drop > 0 else 0.0)
-        summary["val_loss_at_settled"] = float(val[settled - 1])
-    summary["best_val_epoch"] = int(val.argmin()) + 1
+    val_acc = np.array(curves["val_acc"]["mean"])
+    summary: dict[str, Any] = {"epochs": epochs, "best_val_epoch": int(val.argmin()) + 1}
+    drop = train[0] - train.min()
+    for pct in (5, 1):
+        # first epoch from which every later epoch flips < pct % of the gates (mean over seeds)
+        settled = next((e + 1 for e in range(epochs) if (gate[e:] < pct / 100).all()), None)
+        summary[f"settled_epoch_{pct}pct"] = settled
+        if settled is not None:
+            summary[f"train_loss_left_at_{pct}pct"] = (
+                float((train[settled - 1] - train.min()) / drop) if drop > 0 else 0.0)
+            summary[f"val_acc_at_{pct}pct"] = float(val_acc[settled - 1])
     return {"curves": curves, "summary": summary}
 
 
@@ -75,29 +78,36 @@ def plot(summary: dict[str, Any], title: str, path: Path) -> None:
     plt = pyplot()
     curves = summary["curves"]
     epochs = np.arange(1, len(curves["gate_flip"]["mean"]) + 1)
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
     ax2 = ax.twinx()
 
-    def band(axis, key: str, color: str, label: str, style: str = "-") -> None:
-        m = np.array(curves[key]["mean"])
-        s = np.array(curves[key]["std"])
+    def band(axis, key: str, color: str, label: str, style: str = "-", scale: float = 1.0) -> None:
+        m = np.array(curves[key]["mean"]) * scale
+        s = np.array(curves[key]["std"]) * scale
         axis.plot(epochs, m, style, color=color, label=label, lw=1.6)
-        axis.fill_between(epochs, np.maximum(m - s, 1e-6), m + s, color=color, alpha=0.2, lw=0)
+        axis.fill_between(epochs, np.maximum(m - s, 0), m + s, color=color, alpha=0.18, lw=0)
 
-    band(ax, "gate_flip", "tab:red", "gates flipped since last epoch")
-    band(ax, "gate_diff_to_final", "tab:orange", "gates differing from final", "--")
-    band(ax, "weight_rel_change", "tab:purple", "relative weight change", ":")
+    band(ax, "gate_flip", "tab:red", "gates flipped since previous epoch (%)", scale=100)
+    ax.plot(epochs, np.array(curves["gate_flip"]["median"]) * 100, "-", color="darkred", lw=0.8,
+            label="… median over seeds")
+    if max(curves["pool_flip"]["mean"]) > 0:
+        band(ax, "pool_flip", "tab:brown", "max-pool choices flipped (%)", "-.", 100)
+    band(ax, "gate_diff_to_final", "tab:orange", "gates differing from final epoch (%)", "--", 100)
+    band(ax, "weight_rel_change", "tab:purple", "relative weight change (%)", ":", 100)
     band(ax2, "train_loss", "tab:blue", "train loss")
     band(ax2, "val_loss", "tab:green", "validation loss")
-    ax.set_yscale("log")
+    ax.set_yscale("symlog", linthresh=1.0)  # linear below 1 %, logarithmic above
     ax.set_xlabel("epoch")
-    ax.set_ylabel("fraction (log)")
+    ax.set_ylabel("% (symlog)")
+    ax.set_ylim(bottom=0)
     ax2.set_ylabel("cross-entropy")
+    ax2.set_ylim(bottom=0)
     ax.set_title(title, fontsize=10)
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="upper right")
-    fig.tight_layout()
+    handles = ax.get_legend_handles_labels()
+    handles2 = ax2.get_legend_handles_labels()
+    fig.legend(handles[0] + handles2[0], handles[1] + handles2[1], fontsize=7, loc="lower center", ncol=2,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
@@ -112,23 +122,29 @@ def markdown(dataset: str, arch: str, runs: list[dict[str, Any]], summary: dict[
         m, s = curves[key]["mean"][e - 1] * scale, curves[key]["std"][e - 1] * scale
         return f"{m:.{digits}f} ± {s:.{digits}f}"
 
-    rows = [[e, cell("gate_flip", e, 100, 2), cell("gate_diff_to_final", e, 100, 2),
+    rows = [[e, cell("gate_flip", e, 100, 2), f"{100 * curves['gate_flip']['median'][e - 1]:.2f}",
+             cell("pool_flip", e, 100, 2), cell("gate_diff_to_final", e, 100, 2),
              cell("weight_rel_change", e, 100, 2), cell("train_loss", e), cell("val_loss", e),
              cell("val_acc", e, 100, 1)] for e in shown]
     s = summary["summary"]
     walls = mean_std([r["wall_s"] for r in runs])
     head = (f"### {dataset} / {runs[0]['arch']} ({len(runs)} seeds, {n} epochs, "
             f"{runs[0]['num_gates']} gates per sample, {walls[0]:.1f} s per run)\n\n")
-    table = markdown_table(["epoch", "gates flipped %", "differ from final %", "weight change %",
-                            "train loss", "val loss", "val acc %"], rows)
-    settled = s.get("settled_epoch_1pct")
-    if settled:
-        tail = (f"\n\nGates flip < 1 % per epoch from epoch {settled} on, when "
-                f"{100 * s['train_loss_drop_after_settled']:.0f} % of the train-loss decrease was still "
-                f"to come; best validation loss at epoch {s['best_val_epoch']}.\n")
-    else:
-        tail = (f"\n\nGates never flip < 1 % per epoch for good within {n} epochs; best validation "
-                f"loss at epoch {s['best_val_epoch']}.\n")
+    table = markdown_table(["epoch", "gates flipped %", "median", "pool choices flipped %",
+                            "differ from final %", "weight change %", "train loss", "val loss", "val acc %"],
+                           rows)
+    parts = []
+    for pct in (5, 1):
+        settled = s.get(f"settled_epoch_{pct}pct")
+        if settled:
+            parts.append(f"gates flip < {pct} % per epoch from epoch {settled} on (train loss still "
+                         f"{100 * s[f'train_loss_left_at_{pct}pct']:.1f} % above its final value "
+                         f"relative to its total decrease; validation accuracy then "
+                         f"{100 * s[f'val_acc_at_{pct}pct']:.1f} %)")
+        else:
+            parts.append(f"gates never settle below {pct} % per epoch within {n} epochs")
+    tail = ("\n\nMean over seeds: " + "; ".join(parts)
+            + f"; best validation loss at epoch {s['best_val_epoch']}.\n")
     return head + table + tail
 
 
