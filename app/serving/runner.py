@@ -247,29 +247,6 @@ class EmbeddedRunner:
             thread.join(timeout)
 
 
-class UnavailableRunner:
-    """Refuses every submission with 503; status still reads the job table. Serving is unaffected."""
-
-    name = "unavailable"
-
-    def __init__(self, store: Store, reason: str) -> None:
-        self.store = store
-        self.reason = reason
-
-    def submit(self, mode: str) -> str:
-        check_mode(mode)
-        raise RetrainQueueUnavailable(self.reason)
-
-    def status(self, job_id: str) -> JobRecord | None:
-        return self.store.get_job(job_id)
-
-    def cancel(self, job_id: str) -> bool:
-        raise RetrainQueueUnavailable(self.reason)
-
-    def close(self) -> None:
-        pass
-
-
 def build_runner(settings: Settings, store: Store, on_finished: FinishedHook | None = None,
                  metrics: ServingMetrics | None = None, **kwargs: Any) -> RetrainRunner:
     """The runner for these settings: embedded when ``redis_url`` is unset.

@@ -10,9 +10,7 @@ import pytest
 from app.serving.runner import (
     EmbeddedRunner,
     RetrainInProgress,
-    RetrainQueueUnavailable,
     RetrainRunner,
-    UnavailableRunner,
     build_runner,
 )
 from app.settings import Settings
@@ -67,11 +65,3 @@ def test_orphaned_jobs_are_failed_on_start(sqlite_store: Store, settings: Settin
         assert ghost.status == "failed" and "went away" in ghost.error
     finally:
         runner.close()
-
-
-def test_unavailable_runner_refuses_with_503_semantics(sqlite_store: Store) -> None:
-    runner = UnavailableRunner(sqlite_store, "broker down")
-    with pytest.raises(RetrainQueueUnavailable):
-        runner.submit("qk")
-    sqlite_store.create_job("j", "qk", runner="x")
-    assert runner.status("j").job_id == "j"
