@@ -50,6 +50,7 @@ CancelCheck = Callable[[int], None]  # raises to cancel; gets the upcoming epoch
 class QKFastConfig:
     readout_iters: int = 20  # L-BFGS iterations of the convex readout refit (0: skip it)
     readout_l2: float = 1e-4  # L2 on the readout weights, on the mean-loss scale
+    readout_val_stop: bool = True  # return the solver iterate with the lowest validation loss
     epochs: int = 0  # gradient epochs after the readout (0: readout only)
     lr: float = 1e-4  # Adam learning rate of those epochs
     batch_size: int = 128
@@ -267,7 +268,8 @@ def train_qk_fast(model: DecoupledModel, train_x: torch.Tensor, train_y: torch.T
         t0 = time.perf_counter()
         with torch.no_grad():
             fit = fit_logistic(phi, train_y, readout.out_features, cfg.readout_l2,
-                               readout.weight, readout.bias, max_iter=cfg.readout_iters)
+                               readout.weight, readout.bias, max_iter=cfg.readout_iters,
+                               val=(phi_val, val_y) if cfg.readout_val_stop else None)
             old_w, old_b = readout.weight.clone(), readout.bias.clone()
             readout.weight.copy_(fit.weight)
             readout.bias.copy_(fit.bias)
@@ -284,7 +286,8 @@ def train_qk_fast(model: DecoupledModel, train_x: torch.Tensor, train_y: torch.T
         result.readout_iterations = fit.iterations
         metrics = {"epoch": 1, "stage": "readout", "train_loss": train_loss, "val_loss": val_loss,
                    "val_acc": val_acc, "readout_iterations": fit.iterations,
-                   "kept": best_epoch == 1, "seconds": result.readout_s}
+                   "readout_best_iteration": fit.best_iteration, "kept": best_epoch == 1,
+                   "seconds": result.readout_s}
         result.history.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics)

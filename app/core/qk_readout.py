@@ -27,9 +27,11 @@ from torch.nn import functional as F
 class ReadoutFit:
     weight: torch.Tensor  # [K, d]
     bias: torch.Tensor  # [K]
-    objective: float
-    iterations: int
+    objective: float  # training objective at the returned iterate
+    iterations: int  # iterations run
     converged: bool
+    best_iteration: int = -1  # with a validation set: iterate returned (0 = the warm start)
+    val_loss: float = float("nan")  # with a validation set: its mean cross-entropy there
 
 
 def _augment(phi: torch.Tensor) -> torch.Tensor:
@@ -65,12 +67,18 @@ def logistic_objective(phi: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
 
 def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-4,
                  weight0: torch.Tensor | None = None, bias0: torch.Tensor | None = None,
-                 max_iter: int = 100, tol: float = 1e-5, history: int = 10) -> ReadoutFit:
+                 max_iter: int = 100, tol: float = 1e-5, history: int = 10,
+                 val: tuple[torch.Tensor, torch.Tensor] | None = None) -> ReadoutFit:
     """Multinomial logistic readout, warm-started from (weight0, bias0) when given.
 
     ``tol`` bounds the largest absolute entry of the gradient of the objective at exit.
     Runs in the dtype of ``phi`` (float32 is plenty for a warm-started refit; use float64
     for reference comparisons).
+
+    With ``val = (phi_val, y_val)`` the solver early-stops along its own path: it returns the
+    iterate (the warm start included) with the lowest validation cross-entropy, which is what
+    epoch-wise early stopping does for gradient training, at the cost of one small product
+    per iteration. Without it, it returns the last iterate (the minimiser, when converged).
     """
     n, d = phi.shape
     k = num_classes
@@ -97,8 +105,18 @@ def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
         grad = (logp.exp() - onehot).T @ a / n + l2 * th * mask
         return float(value), grad
 
+    a_val = _augment(val[0].to(dtype)) if val is not None else None
+
+    def val_loss(th: torch.Tensor) -> float:
+        assert a_val is not None and val is not None
+        return float(F.cross_entropy(a_val @ th.T, val[1]))
+
+    best_val = val_loss(theta) if val is not None else float("nan")
+    best_theta, best_it = theta, 0
+
     logits = a @ theta.T
     value, grad = value_and_grad(logits, theta)
+    best_value = value
     s_hist: list[torch.Tensor] = []
     y_hist: list[torch.Tensor] = []
     converged = False
@@ -151,7 +169,14 @@ def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
                 y_hist.pop(0)
         rel = abs(value - new_value) / max(abs(value), 1e-12)
         theta, logits, value, grad = new_theta, new_logits, new_value, new_grad
+        if val is not None:
+            current = val_loss(theta)
+            if current < best_val:
+                best_val, best_theta, best_it, best_value = current, theta, it, value
         if rel < 10 * torch.finfo(dtype).eps:
             converged = True
             break
-    return ReadoutFit(theta[:, :d].contiguous(), theta[:, d].contiguous(), value, it, converged)
+    if val is None:
+        best_theta, best_it, best_value = theta, it, value
+    return ReadoutFit(best_theta[:, :d].contiguous(), best_theta[:, d].contiguous(), best_value, it,
+                      converged, best_it, best_val)

@@ -66,7 +66,10 @@ def test_readout_only_changes_only_the_readout_and_matches_direct_solve():
     # the features are the gated estimator's: readout(Φ) reproduces the decoupled forward
     with torch.no_grad():
         assert torch.allclose(head(phi), model(train.x), atol=1e-5)
-    expected = fit_logistic(phi, train.y, 3, 1e-4, head.weight.detach(), head.bias.detach(), max_iter=20)
+    phi_val = readout_features(model, val.x)
+    expected = fit_logistic(phi, train.y, 3, 1e-4, head.weight.detach(), head.bias.detach(), max_iter=20,
+                            val=(phi_val, val.y))
+    assert expected.best_iteration >= 1
     cfg = QKFastConfig(readout_iters=20, readout_l2=1e-4)
     result = train_qk_fast(model, train.x, train.y, val.x, val.y, cfg)
     assert result.best_epoch == 1
@@ -77,6 +80,23 @@ def test_readout_only_changes_only_the_readout_and_matches_direct_solve():
             assert torch.equal(v, est_before[k]), k
     assert torch.allclose(head.weight, expected.weight, atol=1e-6)
     assert torch.allclose(head.bias, expected.bias, atol=1e-6)
+
+
+def test_readout_path_stops_at_best_validation_iterate():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    noisy = torch.where(torch.rand(300, generator=g) < 0.3, 1 - y, y)  # train labels: 30 % flipped
+    xv = torch.randn(200, 8, generator=g)
+    yv = (xv[:, 0] > 0).long()
+    w0, b0 = torch.zeros(2, 8), torch.zeros(2)
+    path = fit_logistic(x, noisy, 2, 1e-4, w0, b0, max_iter=30, val=(xv, yv))
+    last = fit_logistic(x, noisy, 2, 1e-4, w0, b0, max_iter=30)
+    assert 0 <= path.best_iteration <= path.iterations
+    ce = torch.nn.functional.cross_entropy
+    assert path.val_loss == pytest.approx(float(ce(xv @ path.weight.T + path.bias, yv)), rel=1e-5)
+    assert path.val_loss <= float(ce(xv @ last.weight.T + last.bias, yv)) + 1e-7
+    assert path.val_loss <= float(ce(xv @ w0.T + b0, yv)) + 1e-7
 
 
 def test_refit_that_hurts_the_holdout_is_rejected():
