@@ -181,15 +181,51 @@ def cache_split(model: DecoupledModel, x: torch.Tensor, y: torch.Tensor, start: 
     return CachedSplit(torch.cat(inputs), gates, pools, layout, y)
 
 
+def _same_weights(a: ReLUNet, b: ReLUNet, stop: int) -> bool:
+    """Whether layers [0, stop) of two nets of one spec hold bit-identical parameters."""
+    for li in range(stop):
+        pa, pb = list(a.blocks[li].parameters()), list(b.blocks[li].parameters())
+        if any(not torch.equal(x, y) for x, y in zip(pa, pb, strict=True)):
+            return False
+    return True
+
+
+def _plain_forward(net: ReLUNet, h: torch.Tensor, stop: int) -> torch.Tensor:
+    """The ordinary ReLU forward of layers [0, stop) (input already reshaped)."""
+    for li in range(stop):
+        layer = net.spec.layers[li]
+        kind = layer["type"]
+        if kind == "relu":
+            h = F.relu(h)
+        elif kind == "maxpool":
+            k = int(layer["kernel"])
+            h = F.max_pool2d(h, k, int(layer.get("stride", k)))
+        elif kind == "flatten":
+            h = h.flatten(1)
+        else:
+            h = net.blocks[li](h)
+    return h
+
+
 @torch.no_grad()
 def readout_features(model: DecoupledModel, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Gated penultimate features Φ of the estimator under the selector's structure, chunked."""
-    net = model.estimator.net
+    """Gated penultimate features Φ of the estimator under the selector's structure, chunked.
+
+    When the estimator's hidden layers still hold the selector's weights (right after step 2,
+    and after every readout-only QK retrain) the gated estimator and the plain selector agree
+    up to the readout, so Φ is the selector's own penultimate activation: one pass, not two.
+    """
+    net, sel = model.estimator.net, model.selector.net
     last = len(net.spec.layers) - 1
+    shared = _same_weights(net, sel, last)
     parts = []
     for i in range(0, x.shape[0], chunk):
-        s = model.selector.structure(x[i:i + chunk])
-        parts.append(run_layers(net, net._reshape_input(x[i:i + chunk]), s.gates, s.pool_indices, 0, last))
+        h = net._reshape_input(x[i:i + chunk])
+        if shared:
+            parts.append(_plain_forward(sel, h, last))
+        else:
+            s = model.selector.structure(x[i:i + chunk])
+            parts.append(run_layers(net, h, s.gates, s.pool_indices, 0, last))
     return torch.cat(parts)
 
 

@@ -157,3 +157,15 @@ def test_fast_solver_honours_cancel():
     with pytest.raises(TrainingCancelled):
         train_qk(model, train, val, CFG, should_cancel=lambda: True)
     copy.deepcopy(model)  # still a usable model
+
+
+@pytest.mark.parametrize("spec", [mlp([12, 16, 8, 3]), lenet5(8, 3)], ids=["mlp", "lenet"])
+def test_readout_features_one_pass_and_two_pass_agree_with_the_decoupled_forward(spec):
+    x = torch.rand(50, spec.input_dim) * 2 - 0.5
+    model = DecoupledModel.from_net(ReLUNet(spec, seed=0))
+    head = model.estimator.net.blocks[-1]
+    with torch.no_grad():
+        head.weight.mul_(-2.0)  # readout differs: still the one-pass (shared hidden layers) path
+        assert torch.allclose(head(readout_features(model, x)), model(x), atol=1e-5)
+        model.estimator.net.blocks[0].weight.add_(0.05)  # hidden layer differs: two-pass path
+        assert torch.allclose(head(readout_features(model, x)), model(x), atol=1e-5)
