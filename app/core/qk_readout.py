@@ -68,7 +68,8 @@ def logistic_objective(phi: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
 def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-4,
                  weight0: torch.Tensor | None = None, bias0: torch.Tensor | None = None,
                  max_iter: int = 100, tol: float = 1e-5, history: int = 10,
-                 val: tuple[torch.Tensor, torch.Tensor] | None = None) -> ReadoutFit:
+                 val: tuple[torch.Tensor, torch.Tensor] | None = None, val_patience: int = 5
+                 ) -> ReadoutFit:
     """Multinomial logistic readout, warm-started from (weight0, bias0) when given.
 
     ``tol`` bounds the largest absolute entry of the gradient of the objective at exit.
@@ -78,7 +79,8 @@ def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
     With ``val = (phi_val, y_val)`` the solver early-stops along its own path: it returns the
     iterate (the warm start included) with the lowest validation cross-entropy, which is what
     epoch-wise early stopping does for gradient training, at the cost of one small product
-    per iteration. Without it, it returns the last iterate (the minimiser, when converged).
+    per iteration, and stops once ``val_patience`` iterations in a row did not improve it.
+    Without it, it returns the last iterate (the minimiser, when converged).
     """
     n, d = phi.shape
     k = num_classes
@@ -173,6 +175,8 @@ def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
             current = val_loss(theta)
             if current < best_val:
                 best_val, best_theta, best_it, best_value = current, theta, it, value
+            elif it - best_it >= val_patience:
+                break
         if rel < 10 * torch.finfo(dtype).eps:
             converged = True
             break
