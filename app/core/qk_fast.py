@@ -2,25 +2,31 @@
 
 What a frozen structure lets a retrain skip, and what this solver does with it:
 
-1. **Readout in closed form.** With the structure fixed and the hidden layers held, the
+1. **Readout as a convex problem.** With the structure fixed and the hidden layers held, the
    logits are ``Φ Wᵀ + b`` for the gated penultimate features Φ of the current estimator: a
-   convex multinomial logistic regression. It is solved full-batch, warm-started from the
-   current readout, by a preconditioned L-BFGS (:func:`app.core.qk_readout.fit_logistic`).
-   One pass over the data builds Φ (selector for the gates, estimator for the features,
-   chunked, never materialising the structure), the solve itself costs a few matrix
-   products of size N × d × K. Kept only if it lowers the validation loss.
+   multinomial logistic regression. It is solved full-batch, warm-started from the current
+   readout, by a preconditioned L-BFGS (:func:`app.core.qk_readout.fit_logistic`), and
+   early-stopped along its own path on the validation split (the iterate with the lowest
+   validation loss is kept, the warm start included; 5 iterations without improvement end
+   it) — the analogue of epoch-wise early stopping, at the cost of a tiny product per step.
+   Building Φ takes one chunked pass over the data: while the estimator's hidden layers
+   still equal the selector's (after step 2, and after every readout-only retrain), Φ is
+   the selector's own penultimate activation; otherwise the selector gives the gates and the
+   estimator runs gated. The structure is never materialised for this stage.
 2. **Optional gradient epochs** (``epochs > 0``) on the layers from ``train_from`` up, after
    the readout: the structure of the training and validation sets is computed once and kept
    unpacked on the device (multiplicative masks in the compute dtype while they fit
-   ``cache_budget_bytes``), and the gated output of the frozen layers below ``train_from`` is
-   cached, so each epoch only runs the trainable slice. Adam with a small learning rate
-   (a freshly refit readout sits in a sharp minimum that Adam's first steps at 1e-3 throw
-   away), early stopping on the validation loss with the best weights restored.
+   ``cache_budget_bytes``, else bool masks and packed pool choices), and the gated output of
+   the frozen layers below ``train_from`` is cached, so each epoch only runs the trainable
+   slice. Adam with a small learning rate (a freshly refit readout sits in a sharp minimum
+   that Adam's first steps at 1e-3 throw away), early stopping on the validation loss with
+   the best weights restored.
 
-Measured (bench/retrain.py, docs/BENCHMARKS.md): stage 1 alone matches or beats a full
-warm-started retrain when the new data is a modest fraction of the old, in a small fraction
-of its time; stage 2 buys a few tenths of a point more when the new data is as large as the
-old, at the price of full-cost epochs.
+Measured (bench/retrain.py → docs/BENCHMARKS.md, docs/EXPERIMENTS.md): stage 1 alone matches
+or beats a full warm-started retrain when the new data is a modest share of the old and
+resembles it, in a small fraction of its time; when the new data is as large as the old or
+shifted, the frozen structure is the limit and no QK solver tried here closes the gap —
+:mod:`app.core.drift` flags those cases.
 
 The forward used for training, validation and serving is always the gated estimator: the
 trained weights are written into ``model.estimator`` in place; the selector is only read.
