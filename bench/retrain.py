@@ -156,6 +156,12 @@ def markdown(results: list[dict[str, Any]], seeds: int, synthetic_n: int, with_a
         text += ["", "Previous default for reference (`qk_solver=\"adam\"`: Adam epochs on every "
                  "estimator weight, same early stopping):", "",
                  markdown_table(["case", "new data", "QK Adam %", "QK Adam s"], adam_rows)]
+    if any(not r["summary"]["target_met"] for r in results):
+        text += ["", "Rows marked \"missed\": the QK retrain is far faster but less accurate. There the new "
+                 "data is as large as the old, so the structure learned on the old data is the limit: "
+                 "QK retrains by Adam epochs on every estimator weight fall short as well (docs/"
+                 "EXPERIMENTS.md, \"The fast QK solver\"), and the structural-drift rule "
+                 "(app/core/drift.py, volume_ratio > 0.6) recommends `mode=full` for exactly these cases."]
     loads = [x for r in results for row in r["rows"] for x in (row["load_start"], row["load_end"])]
     text += ["", f"1-minute load average during the runs: {min(loads):.1f}–{max(loads):.1f} "
              "(2 cores, shared; timings of one row are side by side, so load hits both columns)."]
