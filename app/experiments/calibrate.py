@@ -69,7 +69,7 @@ def calibrate(directory: Path, tolerance: float = 0.003, out: Path | None = None
 
 def plot(groups: list[dict[str, Any]], path: Path, thresholds: DriftThresholds) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=80)
+    fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=72)
     markers = {"none": "o", "brightness": "s", "contrast": "^", "classfreq": "D"}
     for g in groups:
         kind = g["shift"].split(":")[0]

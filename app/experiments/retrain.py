@@ -193,7 +193,7 @@ def plot_time_to_accuracy(runs: list[dict[str, Any]], methods: list[str], shifts
                           path: Path) -> None:
     plt = pyplot()
     panels = [s for s in shifts if any(r["shift"] == s for r in runs)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), dpi=90, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.3), dpi=72, squeeze=False)
     for ax, shift in zip(axes[0], panels, strict=True):
         rows = [r for r in runs if r["shift"] == shift]
         for m in methods:

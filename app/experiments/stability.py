@@ -78,7 +78,7 @@ def plot(summary: dict[str, Any], title: str, path: Path) -> None:
     plt = pyplot()
     curves = summary["curves"]
     epochs = np.arange(1, len(curves["gate_flip"]["mean"]) + 1)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=72)
     ax2 = ax.twinx()
 
     def band(axis, key: str, color: str, label: str, style: str = "-", scale: float = 1.0) -> None:
@@ -122,8 +122,9 @@ def markdown(dataset: str, arch: str, runs: list[dict[str, Any]], summary: dict[
         m, s = curves[key]["mean"][e - 1] * scale, curves[key]["std"][e - 1] * scale
         return f"{m:.{digits}f} ± {s:.{digits}f}"
 
+    has_pools = runs[0].get("has_pools", True)
     rows = [[e, cell("gate_flip", e, 100, 2), f"{100 * curves['gate_flip']['median'][e - 1]:.2f}",
-             cell("pool_flip", e, 100, 2), cell("gate_diff_to_final", e, 100, 2),
+             cell("pool_flip", e, 100, 2) if has_pools else "–", cell("gate_diff_to_final", e, 100, 2),
              cell("weight_rel_change", e, 100, 2), cell("train_loss", e), cell("val_loss", e),
              cell("val_acc", e, 100, 1)] for e in shown]
     s = summary["summary"]
