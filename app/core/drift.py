@@ -34,12 +34,27 @@ from app.core.network import PathSelector
 
 @dataclass(frozen=True)
 class DriftThresholds:
-    """When to recommend a full retrain (any one suffices). See docs/EXPERIMENTS.md."""
+    """When to recommend a full retrain (any one suffices). Calibrated in docs/EXPERIMENTS.md.
+
+    ``volume_ratio`` compares the new data with the data the *selector* was trained on: pass
+    everything added since the last full retrain as ``new_x``, not just the last batch.
+    """
 
     rate_ratio: float = 3.0
     nn_ratio: float = 1.25
     far_fraction: float = 0.25
-    volume_ratio: float = 0.6
+    volume_ratio: float = 0.3
+
+    def decide(self, signals: dict[str, float]) -> tuple[bool, str]:
+        """(recommend_full, reason) for a dict holding the four signals named like the fields."""
+        reasons = [f"{name} {signals[name]:.2f} > {limit}"
+                   for name, limit in (("rate_ratio", self.rate_ratio), ("nn_ratio", self.nn_ratio),
+                                       ("far_fraction", self.far_fraction),
+                                       ("volume_ratio", self.volume_ratio))
+                   if signals[name] > limit]
+        if reasons:
+            return True, "; ".join(reasons)
+        return False, "new patterns resemble the reference and the new data is small: qk"
 
 
 @dataclass
@@ -134,18 +149,10 @@ def structural_drift(selector: PathSelector, reference_x: torch.Tensor, new_x: t
     rate_ratio = rate_l1 / max(rate_base, 1e-6)
     volume = new_x.shape[0] / reference_x.shape[0]
 
-    reasons = []
-    if rate_ratio > thresholds.rate_ratio:
-        reasons.append(f"rate_ratio {rate_ratio:.2f} > {thresholds.rate_ratio}")
-    if nn_ratio > thresholds.nn_ratio:
-        reasons.append(f"nn_ratio {nn_ratio:.2f} > {thresholds.nn_ratio}")
-    if far > thresholds.far_fraction:
-        reasons.append(f"far_fraction {far:.2f} > {thresholds.far_fraction}")
-    if volume > thresholds.volume_ratio:
-        reasons.append(f"volume_ratio {volume:.2f} > {thresholds.volume_ratio}")
-    reason = "; ".join(reasons) if reasons else "new patterns resemble the reference: qk"
+    recommend, reason = thresholds.decide({"rate_ratio": rate_ratio, "nn_ratio": nn_ratio,
+                                           "far_fraction": far, "volume_ratio": volume})
     return DriftReport(nn_hamming=nn_new, nn_hamming_baseline=baseline, nn_ratio=nn_ratio,
                        far_fraction=far, rate_l1=rate_l1, rate_l1_baseline=rate_base,
                        rate_ratio=rate_ratio, volume_ratio=volume, n_reference=int(bank.shape[0]),
                        n_new=int(new.shape[0]),
-                       recommend_full=bool(reasons), reason=reason)
+                       recommend_full=recommend, reason=reason)

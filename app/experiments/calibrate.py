@@ -19,7 +19,8 @@ from app.core.drift import DriftThresholds
 from app.experiments.report import markdown_table, mean_std, pyplot
 
 
-def collect(directory: Path) -> list[dict[str, Any]]:
+def collect(directory: Path, thresholds: DriftThresholds | None = None) -> list[dict[str, Any]]:
+    thresholds = thresholds or DriftThresholds()
     groups: list[dict[str, Any]] = []
     for path in sorted(directory.glob("retrain_*.json")):
         payload = json.loads(path.read_text())
@@ -36,15 +37,17 @@ def collect(directory: Path) -> list[dict[str, Any]]:
                                  / max(np.mean([r["methods"]["qk_fast"]["wall_s"] for r in runs]), 1e-9))}
             for key in ("rate_ratio", "nn_ratio", "far_fraction", "volume_ratio"):
                 entry[key] = mean_std([r["drift"][key] for r in runs])
-            entry["recommend_full"] = sum(bool(r["drift"]["recommend_full"]) for r in runs) * 2 > len(runs)
+            # re-decide with the current thresholds (the runs may predate them); majority of seeds
+            votes = [thresholds.decide(r["drift"])[0] for r in runs]
+            entry["recommend_full"] = sum(votes) * 2 > len(runs)
             groups.append(entry)
     return groups
 
 
 def calibrate(directory: Path, tolerance: float = 0.003, out: Path | None = None) -> dict[str, Any]:
-    groups = collect(directory)
-    out = out or directory
     thresholds = DriftThresholds()
+    groups = collect(directory, thresholds)
+    out = out or directory
     rows, agree = [], 0
     for g in groups:
         short = g["gap"][0] < -tolerance
