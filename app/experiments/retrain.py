@@ -220,11 +220,33 @@ def plot_time_to_accuracy(runs: list[dict[str, Any]], methods: list[str], shifts
     plt.close(fig)
 
 
+def summary_table(payload: dict[str, Any]) -> str:
+    """One row per (share of new data, shift): accuracy of every method, QK gap, speed, drift."""
+    methods = payload["methods"]
+    head = ["new", "shift", *methods]
+    if "qk_fast" in methods and "full_warm" in methods:
+        head += ["QK fast − full warm (paired)", "QK fast speed"]
+    head += ["rate_ratio", "volume"]
+    rows = []
+    for entry in payload["summary"]:
+        e = entry["methods"]
+        row = [f"{entry['new_fraction']:g}", entry["shift"]]
+        row += [f"{100 * e[m]['test_acc'][0]:.2f} ± {100 * e[m]['test_acc'][1]:.2f}" for m in methods]
+        if "qk_fast" in methods and "full_warm" in methods:
+            d = e["qk_fast"]["delta_vs_full_warm"]
+            row += [f"{100 * d[0]:+.2f} ± {100 * d[1]:.2f}",
+                    f"{e['full_warm']['wall_s'][0] / max(e['qk_fast']['wall_s'][0], 1e-9):.0f}×"]
+        row += [f"{entry['rate_ratio'][0]:.1f}", f"{entry['volume_ratio'][0]:.2f}"]
+        rows.append(row)
+    return markdown_table(head, rows)
+
+
 def markdown(payload: dict[str, Any], plots: list[str]) -> str:
     methods = payload["methods"]
     lines = [f"# Hypothesis 2 — QK-only retrain on {payload['dataset']} / {payload['arch']}\n",
              f"{payload['seeds']} seeds; accuracy on the new distribution's test set (mean ± std, %), "
-             "old test set in the next column; wall time includes the structure computation.\n"]
+             "old test set in the next column; wall time includes the structure computation.\n",
+             summary_table(payload), ""]
     for entry in payload["summary"]:
         lines.append(f"\n### new data = {entry['new_fraction']:g} of train, shift = {entry['shift']}\n")
         full_t = entry["methods"].get("full_warm", {}).get("wall_s", (float("nan"),))[0]
