@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from app.core.drift import DriftThresholds
-from app.experiments.report import markdown_table, mean_std, pyplot
+from app.experiments.report import markdown_table, mean_std, pyplot, save_figure
 
 
 def collect(directory: Path, thresholds: DriftThresholds | None = None) -> list[dict[str, Any]]:
@@ -88,5 +88,5 @@ def plot(groups: list[dict[str, Any]], path: Path, thresholds: DriftThresholds) 
                  f"{thresholds.volume_ratio}", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -46,3 +46,17 @@ def pyplot():
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure as a small palette PNG (the docs keep a few of these)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            small = img.convert("RGB").quantize(colors=128)
+        small.save(path, optimize=True)
+    except (ImportError, OSError):  # keep the full-colour file
+        pass

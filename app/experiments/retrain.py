@@ -35,7 +35,7 @@ from app.core.drift import structural_drift
 from app.core.network import DecoupledModel, Estimator, PathSelector, ReLUNet
 from app.core.spec import resolve_arch
 from app.core.training import TrainConfig, evaluate, train_full, train_qk
-from app.experiments.report import markdown_table, mean_std, pm, pyplot, slug, write_json
+from app.experiments.report import markdown_table, mean_std, pm, pyplot, save_figure, slug, write_json
 from app.experiments.scenario import Scenario, build_scenario
 
 METHODS = ("none", "full_warm", "full_scratch", "qk_fast", "qk_adam", "qk_random")
@@ -215,8 +215,7 @@ def plot_time_to_accuracy(runs: list[dict[str, Any]], methods: list[str], shifts
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -20,7 +20,7 @@ from app.core.network import PathSelector, ReLUNet
 from app.core.spec import resolve_arch
 from app.core.structure import gate_flip_fraction
 from app.core.training import TrainConfig, train_full
-from app.experiments.report import markdown_table, mean_std, pyplot, slug, write_json
+from app.experiments.report import markdown_table, mean_std, pyplot, save_figure, slug, write_json
 
 CURVES = ("gate_flip", "pool_flip", "gate_diff_to_final", "weight_rel_change", "train_loss",
           "val_loss", "val_acc")
@@ -108,8 +108,7 @@ def plot(summary: dict[str, Any], title: str, path: Path) -> None:
     fig.legend(handles[0] + handles2[0], handles[1] + handles2[1], fontsize=7, loc="lower center", ncol=2,
                frameon=False)
     fig.tight_layout(rect=(0, 0.16, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
