@@ -48,8 +48,11 @@ class ReLUNet(nn.Module):
         return x.reshape(x.shape[0], *self.spec.input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._reshape_input(x)
-        for layer, block in zip(self.spec.layers, self.blocks, strict=True):
+        return self.plain_layers(self._reshape_input(x), len(self.blocks))
+
+    def plain_layers(self, h: torch.Tensor, stop: int) -> torch.Tensor:
+        """The ordinary ReLU forward of layers [0, stop) on an already reshaped input."""
+        for layer, block in zip(self.spec.layers[:stop], self.blocks[:stop], strict=True):
             kind = layer["type"]
             if kind == "relu":
                 h = F.relu(h)

@@ -198,19 +198,7 @@ def _same_weights(a: ReLUNet, b: ReLUNet, stop: int) -> bool:
 
 def _plain_forward(net: ReLUNet, h: torch.Tensor, stop: int) -> torch.Tensor:
     """The ordinary ReLU forward of layers [0, stop) (input already reshaped)."""
-    for li in range(stop):
-        layer = net.spec.layers[li]
-        kind = layer["type"]
-        if kind == "relu":
-            h = F.relu(h)
-        elif kind == "maxpool":
-            k = int(layer["kernel"])
-            h = F.max_pool2d(h, k, int(layer.get("stride", k)))
-        elif kind == "flatten":
-            h = h.flatten(1)
-        else:
-            h = net.blocks[li](h)
-    return h
+    return net.plain_layers(h, stop)
 
 
 @torch.no_grad()
