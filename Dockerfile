@@ -8,6 +8,9 @@ FROM ${PYTHON_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cpu
+# extras: "files" adds pyarrow for CSV/Parquet (`skqk init --data`, `skqk ingest`,
+# SKQK_BOOTSTRAP_DATA); serving replicas need none: --build-arg SKQK_EXTRAS=
+ARG SKQK_EXTRAS=files
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -21,7 +24,7 @@ WORKDIR /srv/skqk
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
-RUN pip install . && useradd --create-home --uid 10001 skqk && mkdir -p /data && chown skqk /data
+RUN pip install ".${SKQK_EXTRAS:+[${SKQK_EXTRAS}]}" && useradd --create-home --uid 10001 skqk && mkdir -p /data && chown skqk /data
 
 USER skqk
 VOLUME ["/data"]

@@ -57,8 +57,17 @@ class Settings(BaseSettings):
 
     # ---- bootstrap (skqk serve on an empty store, skqk init) --------------------------------
     bootstrap_dataset: str = "digits"
+    bootstrap_data: Path | None = Field(None, description="CSV/Parquet/NPZ file to bootstrap from instead")
+    bootstrap_label_column: str | None = Field(
+        None, description="label column(s) of bootstrap_data, comma-separated")
+    bootstrap_task: Literal["classification", "regression"] = "classification"
     bootstrap_arch: str = "mlp:256-256"
     bootstrap_epochs: int = Field(30, ge=1)
+
+    # ---- input checks ------------------------------------------------------------------------
+    input_range: Literal["off", "warn", "reject"] = Field(
+        "warn", description="per-feature ranges of the schema: off | warn (predict: serve and count; "
+                            "ingest: refuse) | reject (refuse everywhere)")
 
     # ---- retraining ------------------------------------------------------------------------
     retrain_epochs: int = Field(20, ge=1)

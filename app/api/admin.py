@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
@@ -10,10 +13,13 @@ from starlette.responses import Response
 from app.api.errors import ApiError, FastJSONResponse, parse_body
 from app.api.schemas import ActivateRequest, RetrainRequest
 from app.api.state import RETRY_AFTER, get_state, require_api_key, store_unavailable
+from app.core.spec import ArchSpec
 from app.distributed import publish_activated, redis_client
+from app.serving.models import public_schema, schema_of
 from app.serving.runner import RetrainInProgress, RetrainQueueUnavailable
-from app.storage import UnknownVersion
+from app.storage import UnknownVersion, VersionRecord
 
+log = logging.getLogger("skqk.api")
 router = APIRouter()
 
 
@@ -59,13 +65,28 @@ async def cancel_retrain(job_id: str, request: Request) -> Response:
     return FastJSONResponse({"job_id": job_id, "status": "cancelling"}, status_code=202)
 
 
+def _version_schema(record: VersionRecord) -> dict[str, Any] | None:
+    """A version's public feature schema (names, task, classes, ranges, normalisation)."""
+    try:
+        spec = ArchSpec.from_dict(record.architecture)
+        return public_schema(schema_of(record, spec), spec)
+    except Exception:  # one unreadable row must not hide the whole listing
+        log.warning("version %s: cannot describe its schema", record.version, exc_info=True)
+        return None
+
+
+def _version_entry(record: VersionRecord, active: int | None) -> dict[str, Any]:
+    return {**record.summary(record.version == active), "schema": _version_schema(record)}
+
+
 @router.get("/models")
 async def list_models(request: Request) -> Response:
     st = get_state(request)
 
-    def collect() -> tuple[list[dict[str, object]], int | None]:
+    def collect() -> tuple[list[dict[str, Any]], int | None]:
         active = st.store.active_version()
-        return [v.summary(v.version == active) for v in st.store.list_versions()], active
+        # the summary rows carry the architecture and feature_schema columns (not the weights)
+        return [_version_entry(v, active) for v in st.store.list_versions()], active
 
     try:
         versions, active = await run_in_threadpool(collect)

@@ -1,6 +1,11 @@
-"""/ingest: validate against the served model, commit in one transaction, then answer."""
+"""/ingest: validate against the served model's schema, commit in one transaction, then answer.
+
+Also ``GET /samples/count`` (read-only, no key): how many samples the store holds.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -9,31 +14,41 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from app.api.errors import ApiError, FastJSONResponse, parse_body
+from app.api.rows import parse_labels, parse_rows, parse_targets
 from app.api.schemas import IngestRequest
-from app.api.state import AppState, check_float32, get_state, store_unavailable
+from app.api.state import AppState, get_state, store_unavailable
+from app.core.features import FeatureSchema
 from app.storage import IdempotencyConflict
 
 router = APIRouter()
+
+
+def _features_at(i: int) -> str:
+    return f"samples[{i}].features"
+
+
+def _label_at(i: int) -> str:
+    return f"samples[{i}].label"
+
+
+def _labelled(labels: list[Any], schema: FeatureSchema) -> dict[str, np.ndarray]:
+    """Store.ingest's keyword for these labels: class indices, or regression targets."""
+    if schema.is_regression:
+        return {"targets": parse_targets(labels, schema, _label_at)}
+    return {"labels": parse_labels(labels, schema, _label_at)}
 
 
 def _ingest(st: AppState, body: bytes) -> dict[str, object]:
     req = parse_body(IngestRequest, body)
     if not req.samples:
         raise ApiError(422, "samples: must contain at least one sample")
-    loaded = st.require_model()
-    width, classes = loaded.input_dim, loaded.num_outputs
-    for i, sample in enumerate(req.samples):
-        if len(sample.features) != width:
-            raise ApiError(422, f"samples[{i}].features: expected {width} features, "
-                                f"got {len(sample.features)}")
-        if not 0 <= sample.label < classes:
-            raise ApiError(422, f"samples[{i}].label: must be in [0, {classes - 1}], got {sample.label}")
-    with np.errstate(over="ignore"):  # overflow becomes inf, reported just below
-        x = np.asarray([s.features for s in req.samples], dtype=np.float32)
-    check_float32(x, "samples[*].features")
-    y = np.asarray([s.label for s in req.samples], dtype=np.int64)
+    schema = st.require_model().schema
+    x = parse_rows([s.features for s in req.samples], schema, _features_at, "samples")
+    y = _labelled([s.label for s in req.samples], schema)
+    # out-of-range rows are never stored unless the check is off (warn refuses here)
+    st.check_ranges(schema, x, "ingest", _features_at, refuse=True)
     try:
-        result = st.store.ingest(x, y, req.idempotency_key)
+        result = st.store.ingest(x, idempotency_key=req.idempotency_key, **y)
     except IdempotencyConflict as exc:
         st.metrics.ingest_requests.labels("conflict").inc()
         raise ApiError(409, f"idempotency_key: {exc}") from None
@@ -59,3 +74,13 @@ async def ingest(request: Request) -> Response:
             st.metrics.ingest_requests.labels("rejected").inc()
         raise
     return FastJSONResponse(payload)
+
+
+@router.get("/samples/count")
+async def samples_count(request: Request) -> Response:
+    st = get_state(request)
+    try:
+        total = await run_in_threadpool(st.store.sample_count)
+    except DBAPIError as exc:
+        raise store_unavailable(exc) from None
+    return FastJSONResponse({"total": total})

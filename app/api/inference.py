@@ -14,14 +14,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from app.api.errors import ApiError, FastJSONResponse, parse_body
-from app.api.schemas import PredictRequest, V2InferRequest
-from app.api.state import AppState, check_float32, get_state, rows_to_array
+from app.api.rows import parse_rows, schema_error, values_to_float32
+from app.api.schemas import PredictRequest, V2InferRequest, V2Tensor
+from app.api.state import AppState, check_float32, get_state
+from app.core.features import FeatureSchema, SchemaError
+from app.serving.batcher import InferenceResult
 from app.serving.holder import LoadedModel
 from app.storage import UnknownVersion
 
 router = APIRouter()
-
-OUTPUT_NAMES = ("logits", "predictions")
 
 
 def _server_version() -> str:
@@ -55,15 +56,32 @@ def _plain_rows(body: bytes, width: int) -> np.ndarray | None:
     return x if np.isfinite(x).all() else None
 
 
+def _input_row(i: int) -> str:
+    return f"inputs[{i}]"
+
+
+def predict_body(schema: FeatureSchema, result: InferenceResult) -> dict[str, Any]:
+    """The /predict answer: class names (or ints) + indices + logits, or regression values."""
+    out = result.outputs
+    if schema.is_regression:  # outputs are already in target units
+        values = np.ascontiguousarray(out[:, 0]) if out.shape[1] == 1 else out
+        return {"model_version": result.version, "predictions": values, "outputs": out}
+    idx = result.predictions
+    labels = idx if schema.class_names is None else schema.class_labels(idx)
+    return {"model_version": result.version, "predictions": labels, "prediction_indices": idx,
+            "outputs": out}
+
+
 async def predict_payload(st: AppState, body: bytes) -> dict[str, Any]:
     """POST /predict: the whole request → answer step (raises ApiError for client errors)."""
     loaded = st.require_model()
     x = _plain_rows(body, loaded.input_dim)
-    if x is None:
+    if x is None:  # named rows, or something to report: the validating way
         req = parse_body(PredictRequest, body)
-        x = rows_to_array(req.inputs, loaded.input_dim, "inputs")
-    result = await st.infer(x)
-    return {"model_version": result.version, "predictions": result.predictions, "outputs": result.outputs}
+        x = parse_rows(req.inputs, loaded.schema, _input_row, "inputs")
+    st.check_ranges(loaded.schema, x, "predict", _input_row, refuse=False)
+    # pinned to the version the rows were checked against (its feature order, its classes)
+    return predict_body(loaded.schema, await st.infer(x, loaded))
 
 
 @router.post("/predict")
@@ -105,10 +123,32 @@ def _parse_version(version: str) -> int:
     return v
 
 
+def output_names(schema: FeatureSchema) -> tuple[str, ...]:
+    return ("predictions",) if schema.is_regression else ("logits", "predictions", "prediction_indices")
+
+
+def _output_metadata(schema: FeatureSchema) -> list[dict[str, Any]]:
+    if schema.is_regression:
+        return [{"name": "predictions", "datatype": "FP32", "shape": [-1, schema.num_outputs]}]
+    return [{"name": "logits", "datatype": "FP32", "shape": [-1, schema.num_outputs]},
+            {"name": "predictions", "datatype": "BYTES" if schema.class_names else "INT64", "shape": [-1]},
+            {"name": "prediction_indices", "datatype": "INT64", "shape": [-1]}]
+
+
+def _model_parameters(schema: FeatureSchema) -> dict[str, Any]:
+    """What the tensors mean: feature names (also the names of per-feature input tensors)."""
+    params: dict[str, Any] = {"feature_names": list(schema.feature_names), "task": schema.task}
+    if schema.is_regression:
+        params["target_names"] = list(schema.target_names)
+    else:
+        params["class_names"] = list(schema.class_names) if schema.class_names is not None else None
+    return params
+
+
 def _tensor_metadata(loaded: LoadedModel) -> dict[str, Any]:
-    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, loaded.input_dim]}],
-            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, loaded.num_outputs]},
-                        {"name": "predictions", "datatype": "INT64", "shape": [-1]}]}
+    schema = loaded.schema
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *schema.input_shape]}],
+            "outputs": _output_metadata(schema), "parameters": _model_parameters(schema)}
 
 
 @router.get("/v2/models/{name}")
@@ -145,29 +185,47 @@ def _flatten(data: list[Any], where: str, out: list[float]) -> None:
 
 
 def _v2_input(req: V2InferRequest, loaded: LoadedModel) -> np.ndarray:
-    if len(req.inputs) != 1:
-        raise ApiError(422, f"inputs: exactly one input tensor expected, got {len(req.inputs)}")
-    tensor = req.inputs[0]
+    """One ``input`` tensor ([N, D], [N, *input_shape]), or one tensor per feature name."""
+    tensors, schema = req.inputs, loaded.schema
+    if not tensors:
+        raise ApiError(422, "inputs: exactly one input tensor expected, got 0 "
+                            "(or one [N] tensor per feature, named by feature)")
+    if len(tensors) == 1 and tensors[0].name not in schema.feature_names:
+        return _whole_input(tensors[0], loaded)
+    return _feature_tensors(tensors, schema)
+
+
+def _check_fp32(tensor: V2Tensor, i: int) -> None:
     if tensor.datatype != "FP32":
-        raise ApiError(422, f"inputs[0].datatype: only FP32 is supported, got {tensor.datatype!r}")
+        raise ApiError(422, f"inputs[{i}].datatype: only FP32 is supported, got {tensor.datatype!r}")
+
+
+def _flat_data(tensor: V2Tensor, i: int, expected: int) -> list[Any]:
+    if all(type(v) is float or type(v) is int for v in tensor.data):
+        flat = tensor.data
+    else:
+        flat = []
+        _flatten(tensor.data, f"inputs[{i}].data", flat)
+    if len(flat) != expected:
+        raise ApiError(422, f"inputs[{i}].data: shape {tensor.shape} needs {expected} values, "
+                            f"got {len(flat)}")
+    return flat
+
+
+def _whole_input(tensor: V2Tensor, loaded: LoadedModel) -> np.ndarray:
+    _check_fp32(tensor, 0)
     shape = tensor.shape
     if not shape:
         raise ApiError(422, "inputs[0].shape: must not be empty")
     rows, width = (1, shape[0]) if len(shape) == 1 else (shape[0], math.prod(shape[1:]))
     if width != loaded.input_dim:
+        dim, full = loaded.input_dim, list(loaded.schema.input_shape)
+        alt = f" or [N, {', '.join(map(str, full))}]" if len(full) > 1 else ""
         raise ApiError(422, f"inputs[0].shape: {shape} has {width} features per row; "
-                            f"the model takes {loaded.input_dim} (shape [N, {loaded.input_dim}])")
+                            f"the model takes {dim} (shape [N, {dim}]{alt}, or one tensor per feature)")
     if rows == 0:
         raise ApiError(422, "inputs[0].shape: needs at least one row")
-    if all(type(v) is float or type(v) is int for v in tensor.data):
-        flat = tensor.data
-    else:
-        flat = []
-        _flatten(tensor.data, "inputs[0].data", flat)
-    expected = math.prod(shape)
-    if len(flat) != expected:
-        raise ApiError(422, f"inputs[0].data: shape {shape} needs {expected} values, got {len(flat)}")
-    x = np.asarray(flat, dtype=np.float64)
+    x = np.asarray(_flat_data(tensor, 0, math.prod(shape)), dtype=np.float64)
     bad = ~np.isfinite(x)
     if bad.any():
         raise ApiError(422, f"inputs[0].data[{int(np.argmax(bad))}]: value is not a finite number")
@@ -176,30 +234,78 @@ def _v2_input(req: V2InferRequest, loaded: LoadedModel) -> np.ndarray:
     return check_float32(x32.reshape(rows, width), "inputs[0].data")
 
 
+def _feature_column(tensor: V2Tensor, i: int) -> list[Any]:
+    """A per-feature tensor, shape [N] or [N, 1] → its N values."""
+    _check_fp32(tensor, i)
+    shape = tensor.shape
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] == 0:
+        raise ApiError(422, f"inputs[{i}].shape: feature tensor {tensor.name!r} must have shape [N] or "
+                            f"[N, 1] with N >= 1, got {shape}")
+    return _flat_data(tensor, i, shape[0])
+
+
+def _feature_tensors(tensors: list[V2Tensor], schema: FeatureSchema) -> np.ndarray:
+    """Named features: one tensor per feature name, all with the same number of rows."""
+    by_name: dict[str, int] = {}
+    for i, t in enumerate(tensors):
+        if t.name in by_name:
+            raise ApiError(422, f"inputs[{i}].name: feature {t.name!r} is given twice "
+                                f"(also inputs[{by_name[t.name]}])")
+        by_name[t.name] = i
+    try:
+        order: list[int] = schema.row_from_object(by_name, "inputs")
+    except SchemaError as exc:
+        raise schema_error(exc) from None
+    columns = [_feature_column(tensors[i], i) for i in order]
+    n = len(columns[0])
+    for i, col in zip(order, columns, strict=True):
+        if len(col) != n:
+            raise ApiError(422, f"inputs[{i}].shape: {len(col)} rows, but inputs[{order[0]}] has {n}")
+    rows = [list(r) for r in zip(*columns, strict=True)]
+    return values_to_float32(rows, lambda r, c: f"inputs[{order[c]}].data[{r}]")
+
+
+def _v2_row(i: int) -> str:
+    return f"inputs (row {i})"
+
+
+def _v2_outputs(schema: FeatureSchema, result: InferenceResult) -> dict[str, dict[str, Any]]:
+    out = result.outputs
+    n = out.shape[0]
+    if schema.is_regression:
+        return {"predictions": {"name": "predictions", "shape": [n, out.shape[1]], "datatype": "FP32",
+                                "data": out.reshape(-1)}}
+    idx = result.predictions
+    predictions = ({"datatype": "INT64", "data": idx} if schema.class_names is None
+                   else {"datatype": "BYTES", "data": schema.class_labels(idx)})
+    return {"logits": {"name": "logits", "shape": [n, out.shape[1]], "datatype": "FP32",
+                       "data": out.reshape(-1)},
+            "predictions": {"name": "predictions", "shape": [n], **predictions},
+            "prediction_indices": {"name": "prediction_indices", "shape": [n], "datatype": "INT64",
+                                   "data": idx}}
+
+
 async def v2_infer_payload(st: AppState, body: bytes, name: str, version: str | None) -> dict[str, Any]:
     """POST /v2/models/{name}[/versions/{v}]/infer (raises ApiError for client errors)."""
     _check_name(st, name)
     req = parse_body(V2InferRequest, body)
     if version is None:
-        loaded, target = st.require_model(), None
+        loaded = st.require_model()
     else:
         v = _parse_version(version)
         try:
             loaded = await run_in_threadpool(st.holder.get_version, v)
         except UnknownVersion:
             raise ApiError(404, f"model {name!r} version {v} not found") from None
-        target = loaded
-    wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUT_NAMES)
+    names = output_names(loaded.schema)
+    wanted = [o.name for o in req.outputs] if req.outputs else list(names)
     for i, out_name in enumerate(wanted):
-        if out_name not in OUTPUT_NAMES:
-            raise ApiError(422, f"outputs[{i}].name: unknown output {out_name!r}; have {list(OUTPUT_NAMES)}")
+        if out_name not in names:
+            raise ApiError(422, f"outputs[{i}].name: unknown output {out_name!r}; have {list(names)}")
     x = _v2_input(req, loaded)
-    result = await st.infer(x, target)
-    n = x.shape[0]
-    tensors = {"logits": {"name": "logits", "shape": [n, result.outputs.shape[1]], "datatype": "FP32",
-                          "data": result.outputs.reshape(-1)},
-               "predictions": {"name": "predictions", "shape": [n], "datatype": "INT64",
-                               "data": result.predictions}}
+    st.check_ranges(loaded.schema, x, "v2", _v2_row, refuse=False)
+    result = await st.infer(x, loaded)  # pinned: the schema that parsed the rows formats the answer
+    tensors = _v2_outputs(loaded.schema, result)
     return {"model_name": name, "model_version": str(result.version),
             "id": req.id if req.id is not None else uuid.uuid4().hex,
             "outputs": [tensors[w] for w in wanted]}

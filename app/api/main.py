@@ -76,6 +76,18 @@ class SkqkApp:
         return getattr(self.fastapi, name)
 
 
+def _store_gauges(st: AppState) -> None:
+    """Gauges read from the SQL store when /metrics is scraped; a store outage keeps the last values."""
+    metrics = st.metrics
+    with contextlib.suppress(Exception):
+        metrics.samples_total.set(st.store.sample_count())
+    # Drift comes from the SQL job table, so every replica reports the same, whoever ran it.
+    with contextlib.suppress(Exception):
+        latest = st.store.list_jobs(("succeeded",), 1)
+        if latest:
+            metrics.set_drift((latest[0].result or {}).get("drift"))
+
+
 def create_app(settings: Settings | None = None, store: Store | None = None) -> SkqkApp:
     settings = settings or get_settings()
     metrics = ServingMetrics()
@@ -129,11 +141,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     async def prometheus_metrics(request: Request) -> Response:
         st: AppState = request.app.state.skqk
         metrics.queue_depth.set(st.batcher.queue_depth)
-        # Drift comes from the SQL job table, so every replica reports the same, whoever ran it.
-        with contextlib.suppress(Exception):
-            latest = await asyncio.to_thread(st.store.list_jobs, ("succeeded",), 1)
-            if latest:
-                metrics.set_drift((latest[0].result or {}).get("drift"))
+        await asyncio.to_thread(_store_gauges, st)
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return SkqkApp(app, settings, metrics)

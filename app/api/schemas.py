@@ -1,4 +1,9 @@
-"""Request bodies. Numbers are strict: no strings, no booleans, no NaN/Infinity."""
+"""Request bodies. Numbers are strict: no strings, no booleans, no NaN/Infinity.
+
+Rows (``inputs``, ``features``) and labels arrive as JSON values here: a row may be a list or
+an object keyed by feature name, a label a class name, an index or regression targets, and
+which is allowed depends on the served version's schema, so :mod:`app.api.rows` checks them.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-StrictInt = Annotated[int, Field(strict=True)]
-
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    inputs: list[list[FiniteFloat]]
+    inputs: list[Any]  # rows: lists in schema order or objects keyed by feature name
 
 
 class Sample(BaseModel):
-    features: list[FiniteFloat]
-    label: StrictInt
+    features: Any  # a list in schema order or an object keyed by feature name
+    label: Any  # class name / index, or regression target(s)
 
 
 class IngestRequest(BaseModel):

@@ -10,6 +10,8 @@ from fastapi import Request
 from sqlalchemy.exc import DBAPIError
 
 from app.api.errors import ApiError
+from app.api.rows import Where, out_of_range_rows
+from app.core.features import FeatureSchema
 from app.serving.batcher import Batcher, InferenceResult, NotReady, QueueFull, ShapeMismatch
 from app.serving.holder import LoadedModel, ModelHolder
 from app.serving.metrics import ServingMetrics
@@ -46,6 +48,25 @@ class AppState:
         except ShapeMismatch as exc:
             raise ApiError(503, str(exc), RETRY_AFTER) from None
 
+    def check_ranges(self, schema: FeatureSchema, x: np.ndarray, endpoint: str, where: Where,
+                     refuse: bool) -> None:
+        """Per-feature ranges (``SKQK_INPUT_RANGE``): count the rows outside, refuse if asked.
+
+        ``refuse`` is the caller's policy under ``warn`` (ingest refuses, predict serves);
+        ``reject`` refuses everywhere and ``off`` checks nothing.
+        """
+        mode = self.settings.input_range
+        if mode == "off" or not schema.has_ranges:
+            return
+        count, first = out_of_range_rows(schema, x)
+        if first is None:
+            return
+        self.metrics.input_out_of_range.labels(endpoint).inc(count)
+        if refuse or mode == "reject":
+            row, col = first
+            raise ApiError(422, f"{where(row)}: {schema.range_message(x, row, col)} "
+                                f"(SKQK_INPUT_RANGE={mode})")
+
 
 def get_state(request: Request) -> AppState:
     return request.app.state.skqk
@@ -63,18 +84,6 @@ def require_api_key(request: Request) -> None:
 
 def store_unavailable(exc: DBAPIError) -> ApiError:
     return ApiError(503, f"model/data store unavailable: {type(exc.orig).__name__}", RETRY_AFTER)
-
-
-def rows_to_array(rows: list[list[float]], width: int, field: str) -> np.ndarray:
-    """Rows of numbers → float32 [N, width]; 422 naming the row when a width is wrong."""
-    if not rows:
-        raise ApiError(422, f"{field}: must contain at least one row")
-    for i, row in enumerate(rows):
-        if len(row) != width:
-            raise ApiError(422, f"{field}[{i}]: expected {width} features, got {len(row)}")
-    with np.errstate(over="ignore"):  # overflow becomes inf, reported by check_float32
-        x = np.asarray(rows, dtype=np.float32)
-    return check_float32(x, field)
 
 
 def check_float32(x: np.ndarray, field: str) -> np.ndarray:

@@ -43,12 +43,39 @@ class ReLUNet(nn.Module):
         if seed is not None:
             torch.random.set_rng_state(generator_state)
         self.blocks = nn.ModuleList(blocks)
+        # Fixed affine maps of the spec (input normalisation, output scale): buffers, not
+        # parameters (never trained), and not persistent (the weights files stay as they were).
+        self.has_input_norm = spec.input_norm is not None
+        self.has_output_affine = spec.output_affine is not None
+        if spec.input_norm is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32) for v in spec.input_norm)
+            self.register_buffer("in_mean", mean, persistent=False)
+            self.register_buffer("in_inv_std", 1.0 / std, persistent=False)
+        if spec.output_affine is not None:
+            shift, scale = (torch.tensor(v, dtype=torch.float32) for v in spec.output_affine)
+            self.register_buffer("out_shift", shift, persistent=False)
+            self.register_buffer("out_scale", scale, persistent=False)
 
-    def _reshape_input(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw flat features → the first layer's input (normalised, reshaped)."""
+        if self.has_input_norm:
+            x = (x - self.in_mean.to(x.dtype)) * self.in_inv_std.to(x.dtype)
         return x.reshape(x.shape[0], *self.spec.input_shape)
 
+    def finish_output(self, h: torch.Tensor) -> torch.Tensor:
+        """The last layer's output → the model's output (regression: original target units)."""
+        if self.has_output_affine:
+            return h * self.out_scale.to(h.dtype) + self.out_shift.to(h.dtype)
+        return h
+
+    def to_layer_space(self, y: torch.Tensor) -> torch.Tensor:
+        """Targets in output units → the last layer's units (inverse of ``finish_output``)."""
+        if self.has_output_affine:
+            return (y - self.out_shift.to(y.dtype)) / self.out_scale.to(y.dtype)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.plain_layers(self._reshape_input(x), len(self.blocks))
+        return self.finish_output(self.plain_layers(self.prepare_input(x), len(self.blocks)))
 
     def plain_layers(self, h: torch.Tensor, stop: int) -> torch.Tensor:
         """The ordinary ReLU forward of layers [0, stop) on an already reshaped input."""
@@ -67,7 +94,7 @@ class ReLUNet(nn.Module):
 
     def forward_with_structure(self, x: torch.Tensor) -> tuple[torch.Tensor, Structure]:
         """Plain forward that also records every gate and every max-pool argmax."""
-        h = self._reshape_input(x)
+        h = self.prepare_input(x)
         gates: list[torch.Tensor] = []
         pools: list[torch.Tensor] = []
         for layer, block in zip(self.spec.layers, self.blocks, strict=True):
@@ -84,11 +111,11 @@ class ReLUNet(nn.Module):
                 h = h.flatten(1)
             else:
                 h = block(h)
-        return h, Structure(gates, pools)
+        return self.finish_output(h), Structure(gates, pools)
 
     def gated_forward(self, x: torch.Tensor, structure: Structure) -> torch.Tensor:
         """Forward with every ReLU replaced by the given gate and every max-pool by a gather."""
-        h = self._reshape_input(x)
+        h = self.prepare_input(x)
         gate_i = pool_i = 0
         for layer, block in zip(self.spec.layers, self.blocks, strict=True):
             kind = layer["type"]
@@ -104,7 +131,7 @@ class ReLUNet(nn.Module):
                 h = h.flatten(1)
             else:
                 h = block(h)
-        return h
+        return self.finish_output(h)
 
     def param_vector(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.parameters()])

@@ -44,7 +44,7 @@ import torch
 from torch.nn import functional as F
 
 from app.core.network import DecoupledModel, ReLUNet
-from app.core.qk_readout import fit_logistic
+from app.core.qk_readout import fit_logistic, fit_ridge_select
 from app.core.spec import StructureLayout
 from app.core.structure import PackedStructure, pack, unpack
 
@@ -66,6 +66,7 @@ class QKFastConfig:
     seed: int = 0
     cache_budget_bytes: int = 1 << 30  # dense masks per split up to this size, else bool
     chunk: int = 4096  # samples per selector/estimator pass while building caches
+    task: str = "classification"  # regression: MSE in layer units, ridge readout (penalty on val)
 
 
 @dataclass
@@ -170,7 +171,7 @@ def cache_split(model: DecoupledModel, x: torch.Tensor, y: torch.Tensor, start: 
     inputs, gate_parts, pool_parts = [], [], []
     for i in range(0, x.shape[0], chunk):
         s = model.selector.structure(x[i:i + chunk])
-        h = net._reshape_input(x[i:i + chunk])
+        h = net.prepare_input(x[i:i + chunk])
         inputs.append(run_layers(net, h, s.gates[:g_off], s.pool_indices[:p_off], 0, start))
         gate_parts.append(s.gates[g_off:])
         pool_parts.append(s.pool_indices[p_off:])
@@ -214,7 +215,7 @@ def readout_features(model: DecoupledModel, x: torch.Tensor, chunk: int = 4096) 
     shared = _same_weights(net, sel, last)
     parts = []
     for i in range(0, x.shape[0], chunk):
-        h = net._reshape_input(x[i:i + chunk])
+        h = net.prepare_input(x[i:i + chunk])
         if shared:
             parts.append(_plain_forward(sel, h, last))
         else:
@@ -233,22 +234,27 @@ def _cached_features(net: ReLUNet, data: CachedSplit, start: int, batch: int = 8
     return torch.cat(parts)
 
 
-def _evaluate_cached(net: ReLUNet, data: CachedSplit, start: int, batch: int = 8192
+def _evaluate_cached(net: ReLUNet, data: CachedSplit, start: int, task: str, batch: int = 8192
                      ) -> tuple[float, float]:
-    loss, correct = 0.0, 0
+    outs = []
     with torch.no_grad():
         for i in range(0, len(data), batch):
             idx = torch.arange(i, min(i + batch, len(data)), device=data.y.device)
             h, g, p = data.rows(idx)
-            logits = run_layers(net, h, g, p, start, len(net.spec.layers))
-            loss += float(F.cross_entropy(logits, data.y[idx], reduction="sum"))
-            correct += int((logits.argmax(1) == data.y[idx]).sum())
-    n = max(len(data), 1)
-    return loss / n, correct / n
+            outs.append(run_layers(net, h, g, p, start, len(net.spec.layers)))
+    return _loss_acc(torch.cat(outs), data.y, task)
 
 
-def _loss_acc(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
+def _loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """Classification: cross-entropy; regression: MSE (y already in layer units)."""
+    return F.cross_entropy(out, y) if task == "classification" else F.mse_loss(out, y)
+
+
+def _loss_acc(out: torch.Tensor, y: torch.Tensor, task: str) -> tuple[float, float]:
+    """(loss, accuracy); accuracy is NaN for regression."""
+    if task == "classification":
+        return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
+    return float(F.mse_loss(out, y)), float("nan")
 
 
 # ---- the solver ----------------------------------------------------------------------------
@@ -272,6 +278,10 @@ def train_qk_fast(model: DecoupledModel, train_x: torch.Tensor, train_y: torch.T
     start = resolve_train_from(net, cfg.train_from)
     result = QKFastResult(train_from=start)
     use_epochs = cfg.epochs > 0
+    task = cfg.task
+    if task == "regression":  # the solver works in the last layer's (standardised) units
+        train_y = net.to_layer_space(train_y.reshape(train_y.shape[0], -1).to(readout.weight.dtype))
+        val_y = net.to_layer_space(val_y.reshape(val_y.shape[0], -1).to(readout.weight.dtype))
 
     # Stage 0: what stays fixed. With epochs to run, cache the structure and frozen prefix;
     # for the readout alone, one chunked pass per split straight to the features suffices.
@@ -286,7 +296,7 @@ def train_qk_fast(model: DecoupledModel, train_x: torch.Tensor, train_y: torch.T
         phi_val = readout_features(model, val_x, cfg.chunk)
     result.structure_s = time.perf_counter() - started
     with torch.no_grad():
-        best_loss, best_acc = _loss_acc(readout(phi_val), val_y)
+        best_loss, best_acc = _loss_acc(readout(phi_val), val_y, task)
     result.start_val_loss = best_loss
     best_state = copy.deepcopy(net.state_dict())
     best_epoch = 0
@@ -297,14 +307,18 @@ def train_qk_fast(model: DecoupledModel, train_x: torch.Tensor, train_y: torch.T
             check_cancel(1)
         t0 = time.perf_counter()
         with torch.no_grad():
-            fit = fit_logistic(phi, train_y, readout.out_features, cfg.readout_l2,
-                               readout.weight, readout.bias, max_iter=cfg.readout_iters,
-                               val=(phi_val, val_y) if cfg.readout_val_stop else None)
+            if task == "regression":
+                fit = fit_ridge_select(phi, train_y, phi_val, val_y)
+            else:
+                fit = fit_logistic(phi, train_y, readout.out_features, cfg.readout_l2,
+                                   readout.weight, readout.bias, max_iter=cfg.readout_iters,
+                                   val=(phi_val, val_y) if cfg.readout_val_stop else None)
             old_w, old_b = readout.weight.clone(), readout.bias.clone()
             readout.weight.copy_(fit.weight)
             readout.bias.copy_(fit.bias)
-            val_loss, val_acc = _loss_acc(readout(phi_val), val_y)
-            train_loss = fit.objective - 0.5 * cfg.readout_l2 * float((fit.weight ** 2).sum())
+            val_loss, val_acc = _loss_acc(readout(phi_val), val_y, task)
+            train_loss = (fit.objective if task == "regression" else
+                          fit.objective - 0.5 * cfg.readout_l2 * float((fit.weight ** 2).sum()))
         if val_loss < best_loss:
             best_loss, best_acc, best_epoch = val_loss, val_acc, 1
             best_state = copy.deepcopy(net.state_dict())
@@ -355,12 +369,12 @@ def _epochs(net: ReLUNet, params: list[torch.nn.Parameter], train: CachedSplit, 
         for i in range(0, len(train), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
             h, g, p = train.rows(idx)
-            loss = F.cross_entropy(run_layers(net, h, g, p, start, n_layers), train.y[idx])
+            loss = _loss(run_layers(net, h, g, p, start, n_layers), train.y[idx], cfg.task)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += float(loss.detach()) * idx.numel()
-        val_loss, val_acc = _evaluate_cached(net, val, start)
+        val_loss, val_acc = _evaluate_cached(net, val, start, cfg.task)
         metrics = {"epoch": epoch, "stage": "epochs", "train_loss": loss_sum / len(train),
                    "val_loss": val_loss, "val_acc": val_acc, "seconds": time.perf_counter() - t0}
         result.history.append(metrics)

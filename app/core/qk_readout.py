@@ -31,7 +31,8 @@ class ReadoutFit:
     iterations: int  # iterations run
     converged: bool
     best_iteration: int = -1  # with a validation set: iterate returned (0 = the warm start)
-    val_loss: float = float("nan")  # with a validation set: its mean cross-entropy there
+    val_loss: float = float("nan")  # with a validation set: its mean loss there
+    l2: float = float("nan")  # ridge: the penalty chosen on the validation split
 
 
 def _augment(phi: torch.Tensor) -> torch.Tensor:
@@ -57,6 +58,46 @@ def fit_ridge(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 
     theta = torch.linalg.solve(gram, a.T @ target / n).T  # [K, d+1]
     theta = theta.to(phi.dtype)
     return theta[:, :d].contiguous(), theta[:, d].contiguous()
+
+
+RIDGE_GRID = tuple(10.0 ** e for e in range(-7, 3))  # penalties relative to the mean feature power
+
+
+def fit_ridge_select(phi: torch.Tensor, y: torch.Tensor, phi_val: torch.Tensor, y_val: torch.Tensor,
+                     grid: tuple[float, ...] = RIDGE_GRID) -> ReadoutFit:
+    """Regression readout: closed-form ridge, its penalty chosen on the validation split.
+
+    min (1/N)·||A Θᵀ − Y||² + λ·||W||² for each λ = α · mean(diag ΦᵀΦ/N) (scale-free α from
+    ``grid``); the Gram matrix is formed once in float64, each λ costs one (d+1)² solve. The
+    λ with the lowest validation MSE wins. ``objective`` is its training MSE.
+    """
+    n, d = phi.shape
+    a = _augment(phi.to(torch.float64))
+    target = y.reshape(n, -1).to(torch.float64)
+    gram = a.T @ a / n
+    rhs = a.T @ target / n
+    power = float(gram.diagonal()[:d].mean().clamp_min(1e-12))
+    a_val = _augment(phi_val.to(torch.float64))
+    t_val = y_val.reshape(y_val.shape[0], -1).to(torch.float64)
+    mask = torch.diag(_penalty_mask(d, a))
+    best: tuple[float, float, torch.Tensor] | None = None
+    for i, alpha in enumerate(grid):
+        try:
+            theta = torch.linalg.solve(gram + alpha * power * mask + 1e-12 * torch.eye(d + 1, dtype=a.dtype,
+                                                                                        device=a.device), rhs)
+        except RuntimeError:  # singular at this penalty: a larger one will do
+            continue
+        val_mse = float(((a_val @ theta - t_val) ** 2).mean())
+        if torch.isfinite(theta).all() and (best is None or val_mse < best[0]):
+            best = (val_mse, alpha, theta)
+            best_i = i
+    if best is None:
+        raise ValueError("ridge readout: no penalty gave a finite solution")
+    val_mse, alpha, theta = best
+    train_mse = float(((a @ theta - target) ** 2).mean())
+    theta_t = theta.T.to(phi.dtype)  # [K, d+1]
+    return ReadoutFit(theta_t[:, :d].contiguous(), theta_t[:, d].contiguous(), train_mse, len(grid), True,
+                      best_i, val_mse, alpha * power)
 
 
 def logistic_objective(phi: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

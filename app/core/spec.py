@@ -3,6 +3,12 @@
 A spec is an input shape plus an ordered list of layers. The only non-linearity is
 ``relu``; ``maxpool`` is the only other structural (input-dependent) choice. Inputs
 always arrive as flat feature vectors and are reshaped to ``input_shape`` first.
+
+Two optional fixed affine maps belong to the model too, so clients send raw values and get
+raw outputs: ``input_norm`` (per-feature mean/std learnt at init: x' = (x − mean) / std)
+and ``output_affine`` (regression: y = out · scale + shift, so the layers work on
+standardised targets). Both are affine, so the net stays piecewise affine and the
+selector/estimator decomposition is unchanged; neither is trained.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ class ArchSpec:
     input_shape: tuple[int, ...]
     layers: tuple[dict[str, Any], ...]
     name: str = "custom"
+    input_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std) per feature
+    output_affine: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (shift, scale) per output
 
     # ---- derived facts -------------------------------------------------------------
     @property
@@ -66,22 +74,61 @@ class ArchSpec:
 
     # ---- (de)serialisation -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "input_shape": list(self.input_shape),
-                "layers": [dict(layer) for layer in self.layers]}
+        d: dict[str, Any] = {"name": self.name, "input_shape": list(self.input_shape),
+                             "layers": [dict(layer) for layer in self.layers]}
+        if self.input_norm is not None:  # absent keys keep older specs byte-identical
+            d["input_norm"] = {"mean": list(self.input_norm[0]), "std": list(self.input_norm[1])}
+        if self.output_affine is not None:
+            d["output_affine"] = {"shift": list(self.output_affine[0]), "scale": list(self.output_affine[1])}
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArchSpec:
+        norm, out = d.get("input_norm"), d.get("output_affine")
         spec = cls(input_shape=tuple(int(v) for v in d["input_shape"]),
-                   layers=tuple(dict(layer) for layer in d["layers"]), name=d.get("name", "custom"))
+                   layers=tuple(dict(layer) for layer in d["layers"]), name=d.get("name", "custom"),
+                   input_norm=_pair(norm, "mean", "std"), output_affine=_pair(out, "shift", "scale"))
         spec.shapes()
+        spec.check_affines()
         return spec
+
+    def with_affines(self, input_norm: tuple[Any, Any] | None = None,
+                     output_affine: tuple[Any, Any] | None = None) -> ArchSpec:
+        """The same layers with input normalisation and/or an output affine map attached."""
+        spec = ArchSpec(self.input_shape, self.layers, self.name,
+                        _pair({"a": input_norm[0], "b": input_norm[1]}, "a", "b") if input_norm else None,
+                        _pair({"a": output_affine[0], "b": output_affine[1]}, "a", "b")
+                        if output_affine else None)
+        spec.check_affines()
+        return spec
+
+    def check_affines(self) -> None:
+        if self.input_norm is not None:
+            mean, std = self.input_norm
+            if len(mean) != self.input_dim or len(std) != self.input_dim:
+                raise ValueError(f"input_norm needs {self.input_dim} means and stds")
+            if not all(math.isfinite(v) and v > 0 for v in std) or not all(map(math.isfinite, mean)):
+                raise ValueError("input_norm: std must be finite and > 0, mean finite")
+        if self.output_affine is not None:
+            shift, scale = self.output_affine
+            k = self.num_outputs
+            if len(shift) != k or len(scale) != k:
+                raise ValueError(f"output_affine needs {k} shifts and scales")
+            if not all(math.isfinite(v) and v > 0 for v in scale) or not all(map(math.isfinite, shift)):
+                raise ValueError("output_affine: scale must be finite and > 0, shift finite")
 
     @classmethod
     def from_json(cls, s: str) -> ArchSpec:
         return cls.from_dict(json.loads(s))
+
+
+def _pair(d: dict[str, Any] | None, a: str, b: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    if not d:
+        return None
+    return tuple(float(v) for v in d[a]), tuple(float(v) for v in d[b])
 
 
 def _relu_stack(widths: list[int]) -> list[dict[str, Any]]:

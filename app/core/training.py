@@ -28,6 +28,7 @@ from app.core.network import DecoupledModel, PathSelector, ReLUNet
 from app.core.qk_fast import QKFastConfig
 from app.core.qk_fast import train_qk_fast as train_qk_fast_impl
 from app.core.structure import PackedStructure, gate_flip_fraction, pool_flip_fraction
+from app.core.tasks import LossFn, check_task, evaluate_task, loss_fn
 
 EpochCallback = Callable[[dict[str, Any]], None]
 CancelCheck = Callable[[], bool]
@@ -57,6 +58,7 @@ class TrainConfig:
     qk_epochs: int = 0  # "fast": Adam epochs after the refit (batch_size/patience above)
     qk_lr: float = 1e-4  # "fast": learning rate of those epochs
     qk_train_from: int | str = "all"  # "fast": first trained layer ("all", spec index, -k)
+    task: str = "classification"  # or "regression" (MSE; readout refit = ridge)
 
 
 @dataclass
@@ -90,10 +92,14 @@ def evaluate(forward: ForwardFn, data: Split, batch_size: int = 4096) -> tuple[f
     return total_loss / n, correct / n
 
 
-def _run_epochs(module: nn.Module, params: list[nn.Parameter], train_fwd: ForwardFn,
-                val_fwd: ForwardFn, train: Split, val: Split, cfg: TrainConfig,
+ValEval = Callable[[], dict[str, float]]
+
+
+def _run_epochs(module: nn.Module, params: list[nn.Parameter], train_fwd: ForwardFn, loss: LossFn,
+                val_eval: ValEval, train: Split, cfg: TrainConfig,
                 on_epoch: EpochCallback | None, should_cancel: CancelCheck | None,
                 extra_metrics: Callable[[], dict[str, Any]] | None = None) -> TrainResult:
+    """Adam epochs; ``val_eval()`` → metrics on the validation split (``loss`` drives stopping)."""
     result = TrainResult()
     start = time.perf_counter()
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -109,21 +115,22 @@ def _run_epochs(module: nn.Module, params: list[nn.Parameter], train_fwd: Forwar
         loss_sum = 0.0
         for i in range(0, len(train), cfg.batch_size):
             rows = order[i:i + cfg.batch_size]
-            loss = F.cross_entropy(train_fwd(train.x[rows], rows), train.y[rows])
+            batch_loss = loss(train_fwd(train.x[rows], rows), train.y[rows])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            batch_loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach()) * rows.numel()
+            loss_sum += float(batch_loss.detach()) * rows.numel()
         module.eval()
-        val_loss, val_acc = evaluate(val_fwd, val, cfg.eval_batch_size)
+        val = val_eval()
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / len(train),
-                                   "val_loss": val_loss, "val_acc": val_acc}
+                                   **{f"val_{k}": v for k, v in val.items()}}
         if extra_metrics is not None:
             metrics.update(extra_metrics())
         metrics["seconds"] = time.perf_counter() - epoch_start
         result.history.append(metrics)
-        if val_loss < result.best_val_loss:
-            result.best_val_loss, result.best_val_acc, result.best_epoch = val_loss, val_acc, epoch
+        if val["loss"] < result.best_val_loss:
+            result.best_val_loss, result.best_epoch = val["loss"], epoch
+            result.best_val_acc = val.get("acc", float("nan"))
             best_state = copy.deepcopy(module.state_dict())
             stale = 0
         else:
@@ -169,12 +176,16 @@ def train_full(net: ReLUNet, train: Split, val: Split, cfg: TrainConfig,
     net.to(device)
     train, val = train.to(device), val.to(device)
     tracker = StabilityTracker(net, val.x[:cfg.probe_size]) if track_stability else None
+    task = check_task(cfg.task)
 
     def forward(x: torch.Tensor, _rows: torch.Tensor) -> torch.Tensor:
         return net(x)
 
-    result = _run_epochs(net, list(net.parameters()), forward, forward, train, val, cfg,
-                         on_epoch, should_cancel, tracker.step if tracker else None)
+    def val_eval() -> dict[str, float]:
+        return evaluate_task(forward, val.x, val.y, task, net.to_layer_space, cfg.eval_batch_size)
+
+    result = _run_epochs(net, list(net.parameters()), forward, loss_fn(task, net.to_layer_space),
+                         val_eval, train, cfg, on_epoch, should_cancel, tracker.step if tracker else None)
     result.solver = "full"
     return result
 
@@ -202,8 +213,14 @@ def train_qk_adam(model: DecoupledModel, train: Split, val: Split, cfg: TrainCon
     def val_fwd(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return estimator(x, val_cache.index(rows))
 
-    result = _run_epochs(estimator, list(estimator.parameters()), train_fwd, val_fwd, train, val,
-                         cfg, on_epoch, should_cancel)
+    task = check_task(cfg.task)
+    to_layer = estimator.net.to_layer_space
+
+    def val_eval() -> dict[str, float]:
+        return evaluate_task(val_fwd, val.x, val.y, task, to_layer, cfg.eval_batch_size)
+
+    result = _run_epochs(estimator, list(estimator.parameters()), train_fwd, loss_fn(task, to_layer),
+                         val_eval, train, cfg, on_epoch, should_cancel)
     result.solver = "adam"
     result.structure_s = structure_s
     result.wall_s += structure_s
@@ -225,7 +242,8 @@ def train_qk_fast(model: DecoupledModel, train: Split, val: Split, cfg: TrainCon
     fast = QKFastConfig(readout_iters=cfg.qk_readout_iters, readout_l2=cfg.qk_readout_l2,
                         epochs=cfg.qk_epochs, lr=cfg.qk_lr, batch_size=cfg.batch_size,
                         weight_decay=cfg.weight_decay, patience=cfg.patience,
-                        train_from=cfg.qk_train_from, seed=cfg.seed, chunk=cfg.eval_batch_size)
+                        train_from=cfg.qk_train_from, seed=cfg.seed, chunk=cfg.eval_batch_size,
+                        task=check_task(cfg.task))
     out = train_qk_fast_impl(model, train.x, train.y, val.x, val.y, fast, on_epoch, check_cancel)
     return TrainResult(history=out.history, best_epoch=out.best_epoch, best_val_loss=out.best_val_loss,
                        best_val_acc=out.best_val_acc, wall_s=out.wall_s, structure_s=out.structure_s,

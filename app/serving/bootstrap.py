@@ -1,31 +1,44 @@
-"""Version 1 from a bundled data set: what ``skqk init`` and ``skqk serve`` on an empty store do.
+"""Version 1 from a data set or a data file: what ``skqk init`` and ``skqk serve`` on an empty
+store do.
 
-The data set's rows go into the samples table first (idempotency key
-``bootstrap:<dataset>:seed<seed>``), so later retrains train on old + new data and the
-holdout rule of :mod:`app.serving.splits` applies to them as well: version 1 is trained on
-the training rows only and scored on the same holdout every later candidate is gated on.
+The rows go into the samples table first (in chunks, each with an idempotency key derived from
+the source and the chunk's content), so later retrains train on old + new data and the holdout
+rule of :mod:`app.serving.splits` applies to them as well: version 1 is trained on the training
+rows only and scored on the same holdout every later candidate is gated on. For a user's file,
+the input normalisation (per-feature mean/std), the regression output scale and the feature
+ranges are learnt from the training rows and stored with the version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from app.core.data import Split, load_dataset
+from app.core.data import Split
 from app.core.network import DecoupledModel, ReLUNet
-from app.core.spec import resolve_arch
-from app.core.training import EpochCallback, TrainConfig, evaluate, train_full
+from app.core.spec import ArchSpec, resolve_arch
+from app.core.tasks import evaluate_task, holdout_metrics
+from app.core.training import EpochCallback, TrainConfig, train_full
 from app.serving.models import register_model
 from app.serving.splits import split_masks
+from app.serving.training_table import TrainingTable, table_from_dataset, table_from_file
 from app.settings import Settings
 from app.storage import Store
 
 log = logging.getLogger("skqk.bootstrap")
+
+INIT_CHUNK_ROWS = 50_000
+
+
+class BootstrapError(ValueError):
+    """The data cannot make a version 1 (too few rows for the holdout, …); says what to change."""
 
 
 @dataclass
@@ -35,42 +48,108 @@ class BootstrapResult:
     seconds: float
 
 
+def settings_table(settings: Settings, dataset: str | None = None, seed: int = 0,
+                   synthetic_n: int = 20_000) -> TrainingTable:
+    """What to bootstrap from: ``dataset`` if given, else SKQK_BOOTSTRAP_DATA, else the built-in."""
+    if dataset is None and settings.bootstrap_data is not None:
+        if not settings.bootstrap_label_column:
+            raise BootstrapError("SKQK_BOOTSTRAP_DATA needs SKQK_BOOTSTRAP_LABEL_COLUMN (the label column)")
+        labels = [c.strip() for c in settings.bootstrap_label_column.split(",") if c.strip()]
+        return table_from_file(settings.bootstrap_data, labels, task=settings.bootstrap_task)
+    return table_from_dataset(dataset or settings.bootstrap_dataset, seed=seed, synthetic_n=synthetic_n)
+
+
 def bootstrap_version(store: Store, settings: Settings, dataset: str | None = None,
                       arch: str | None = None, cfg: TrainConfig | None = None,
                       on_epoch: EpochCallback | None = None, activate: bool = True,
-                      synthetic_n: int = 20_000) -> BootstrapResult:
-    """Store the data set's rows, train a plain ReLU net on them, register (and activate) it."""
-    started = time.perf_counter()
-    dataset = dataset or settings.bootstrap_dataset
-    arch = arch or settings.bootstrap_arch
+                      synthetic_n: int = 20_000, table: TrainingTable | None = None) -> BootstrapResult:
+    """Store the rows, train a plain ReLU net on them, register (and activate) it.
+
+    ``table`` (a user's file) wins over ``dataset``; with neither, the settings decide.
+    """
     cfg = cfg or TrainConfig(epochs=settings.bootstrap_epochs, batch_size=settings.retrain_batch_size,
                              lr=settings.retrain_lr, patience=settings.retrain_patience,
                              seed=settings.retrain_seed, device=settings.device)
-    data = load_dataset(dataset, seed=cfg.seed, synthetic_n=synthetic_n)
-    everything = Split.concat([data.train, data.val, data.test])
-    key = f"bootstrap:{dataset}:seed{cfg.seed}:n{len(everything)}"
-    ingested = store.ingest(everything.x.numpy(), everything.y.numpy(), idempotency_key=key)
-    rows = store.load_samples(data.input_dim, batch_id=ingested.batch_id)
+    table = table or settings_table(settings, dataset, cfg.seed, synthetic_n)
+    return bootstrap_table(store, settings, table, arch or settings.bootstrap_arch, cfg, on_epoch, activate)
+
+
+def bootstrap_table(store: Store, settings: Settings, table: TrainingTable, arch: str, cfg: TrainConfig,
+                    on_epoch: EpochCallback | None = None, activate: bool = True) -> BootstrapResult:
+    started = time.perf_counter()
+    cfg.task = table.task
+    schema = table.schema
+    batch_ids = store_table(store, table)
+    rows = store.load_samples(schema.input_dim, batch_id=batch_ids,
+                              n_targets=schema.num_outputs if schema.is_regression else None)
     masks = split_masks(rows.ids, settings.holdout_modulo)
+    _check_split_sizes(len(rows), masks, settings)
     x, y = torch.from_numpy(rows.x), torch.from_numpy(rows.y)
     train, val, holdout = (Split(x[m], y[m]) for m in (masks.train, masks.val, masks.holdout))
 
-    spec = resolve_arch(arch, data.input_dim, data.num_classes)
+    spec = _spec_for(table, arch, train)
+    if table.normalize:  # learnt ranges go with learnt normalisation: a user's file
+        schema = schema.with_ranges_from(train.x.numpy())
     net = ReLUNet(spec, seed=cfg.seed)
     result = train_full(net, train, val, cfg, on_epoch=on_epoch)
     device = next(net.parameters()).device
-    holdout_loss, holdout_acc = evaluate(lambda xb, _rows: net(xb), holdout.to(device))
+    held = holdout.to(device)
+    scores = holdout_metrics(evaluate_task(lambda xb, _rows: net(xb), held.x, held.y, table.task,
+                                           net.to_layer_space), table.task)
     model = DecoupledModel.from_net(net.cpu())
-    metrics = {"dataset": dataset, "arch": spec.name, "holdout_acc": holdout_acc,
-               "holdout_loss": holdout_loss, "n_samples": len(rows), "n_train": len(train),
-               "n_val": len(val), "n_holdout": len(holdout), "mode": "full", **result.summary()}
+    metrics = {"dataset": table.source, "arch": spec.name, "task": table.task, **scores,
+               "n_samples": len(rows), "n_train": len(train), "n_val": len(val), "n_holdout": len(holdout),
+               "mode": "full", **result.summary()}
     version = register_model(store, model, mode="full", parent=None, metrics=metrics,
-                             data_watermark=int(rows.ids.max()))
+                             data_watermark=int(rows.ids.max()), schema=schema)
     if activate:
-        store.activate(version, actor="bootstrap", reason=f"bootstrap on {dataset} ({arch})")
+        store.activate(version, actor="bootstrap", reason=f"bootstrap on {table.source} ({arch})")
     seconds = time.perf_counter() - started
-    log.info("bootstrap: version %d on %s, holdout acc %.4f (%.1fs)", version, dataset, holdout_acc, seconds)
+    log.info("bootstrap: version %d on %s, %s (%.1fs)", version, table.source, scores, seconds)
     return BootstrapResult(version, {**metrics, "bootstrap_seconds": seconds}, seconds)
+
+
+def store_table(store: Store, table: TrainingTable, chunk_rows: int = INIT_CHUNK_ROWS) -> list[int]:
+    """Store the rows in chunks; a chunk already stored (same source and content) is not repeated."""
+    batch_ids = []
+    for start in range(0, table.x.shape[0], chunk_rows):
+        x, y = table.x[start:start + chunk_rows], table.y[start:start + chunk_rows]
+        digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:16]
+        key = f"bootstrap:{table.source[:120]}:rows{start + 1}-{start + len(x)}:{digest}"
+        if table.task == "regression":
+            res = store.ingest(x, idempotency_key=key, targets=y)
+        else:
+            res = store.ingest(x, y, idempotency_key=key)
+        batch_ids.append(res.batch_id)
+    return batch_ids
+
+
+def _check_split_sizes(n: int, masks: Any, settings: Settings) -> None:
+    n_hold, n_val, n_train = int(masks.holdout.sum()), int(masks.val.sum()), int(masks.train.sum())
+    if n_hold < settings.min_holdout or n_val == 0 or n_train == 0:
+        raise BootstrapError(
+            f"{n} rows are too few: the stable split gives {n_train} training, {n_val} validation and "
+            f"{n_hold} holdout rows, and the promotion gate needs at least SKQK_MIN_HOLDOUT="
+            f"{settings.min_holdout} holdout rows (about 1 row in "
+            f"SKQK_HOLDOUT_MODULO={settings.holdout_modulo} is holdout). Use a larger file, or lower "
+            "SKQK_MIN_HOLDOUT / SKQK_HOLDOUT_MODULO.")
+
+
+def _spec_for(table: TrainingTable, arch: str, train: Split) -> ArchSpec:
+    """The architecture for this data, with the learnt input normalisation / output scale."""
+    schema = table.schema
+    spec = resolve_arch(arch, schema.input_dim, schema.num_outputs)
+    norm = _mean_std(train.x.numpy()) if table.normalize else None
+    out = _mean_std(train.y.numpy().reshape(len(train), -1)) if schema.is_regression else None
+    return spec.with_affines(norm, out) if norm or out else spec
+
+
+def _mean_std(a: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-column mean and std in float64; a constant column gets std 1 (nothing to scale)."""
+    mean = a.astype(np.float64).mean(axis=0)
+    std = a.astype(np.float64).std(axis=0)
+    std = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
+    return mean.tolist(), std.tolist()
 
 
 def ensure_bootstrapped(store: Store, settings: Settings, on_epoch: EpochCallback | None = None,
@@ -93,7 +172,8 @@ def ensure_bootstrapped(store: Store, settings: Settings, on_epoch: EpochCallbac
                 active = store.active_version()
                 if active is not None:
                     return active
-                say(f"empty store: bootstrapping version 1 on {settings.bootstrap_dataset} "
+                source = settings.bootstrap_data or settings.bootstrap_dataset
+                say(f"empty store: bootstrapping version 1 on {source} "
                     f"({settings.bootstrap_arch}, {settings.bootstrap_epochs} epochs)")
                 return bootstrap_version(store, settings, on_epoch=on_epoch).version
             finally:

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from app.core.device import pick_device
+from app.core.features import FeatureSchema
 from app.core.network import DecoupledModel
 from app.core.spec import ArchSpec
 from app.serving.metrics import ServingMetrics
-from app.serving.models import load_model
+from app.serving.models import load_model, schema_of
 from app.storage import Store, UnknownVersion, VersionRecord
 
 log = logging.getLogger("skqk.holder")
@@ -50,8 +51,13 @@ class MLPForward(torch.nn.Module):
         sel, est = linears(model.selector.net), linears(model.estimator.net)
         self.sel = [(m.weight.detach().t().contiguous(), m.bias.detach().clone()) for m in sel[:-1]]
         self.est = [(m.weight.detach().t().contiguous(), m.bias.detach().clone()) for m in est]
+        net = model.estimator.net  # the fixed affine maps are the same in selector and estimator
+        self.norm = (net.in_mean.clone(), net.in_inv_std.clone()) if net.has_input_norm else None
+        self.out = (net.out_scale.clone(), net.out_shift.clone()) if net.has_output_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = (x - self.norm[0]) * self.norm[1]
         hs = he = x
         for (ws, bs), (we, be) in zip(self.sel, self.est, strict=False):
             zs = torch.addmm(bs, hs, ws)
@@ -59,7 +65,8 @@ class MLPForward(torch.nn.Module):
             hs = zs.clamp_min_(0)
             he = torch.addmm(be, he, we).mul_(gate)
         we, be = self.est[-1]
-        return torch.addmm(be, he, we)
+        out = torch.addmm(be, he, we)
+        return out if self.out is None else out.mul_(self.out[0]).add_(self.out[1])
 
 
 def is_mlp(spec: ArchSpec) -> bool:
@@ -106,11 +113,13 @@ class LoadedModel:
     spec: ArchSpec = field(init=False)
     input_dim: int = field(init=False)
     num_outputs: int = field(init=False)
+    schema: FeatureSchema = field(init=False)  # names, task, classes, ranges of this version
 
     def __post_init__(self) -> None:
         self.spec = self.model.spec
         self.input_dim = self.spec.input_dim
         self.num_outputs = self.spec.num_outputs
+        self.schema = schema_of(self.record, self.spec)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """float32 [N, D] → logits float32 [N, C] (CPU numpy)."""
@@ -196,6 +205,7 @@ class ModelHolder:
                 self._remember(previous)  # swapping back is instant
             if self.metrics is not None:
                 self.metrics.model_version.set(loaded.version)
+                self.metrics.set_model_metrics(loaded.record.metrics)
                 if previous is not None:
                     self.metrics.model_swaps.inc()
         log.info("serving version %d (was %s)", loaded.version,

@@ -44,6 +44,14 @@ class ServingMetrics:
         self.ingest_requests = Counter("skqk_ingest_requests", "ingest requests by outcome", ["outcome"],
                                        registry=r)
         self.ingest_samples = Counter("skqk_ingest_samples", "samples committed by /ingest", registry=r)
+        self.samples_total = Gauge("skqk_samples_total", "samples in the store (read when /metrics is "
+                                   "scraped; the last value is kept while the store is down)", registry=r)
+        self.input_out_of_range = Counter(
+            "skqk_input_out_of_range_rows", "rows with a feature outside the schema's range "
+            "(SKQK_INPUT_RANGE warn|reject), served or refused", ["endpoint"], registry=r)
+        self.model_holdout = Gauge(
+            "skqk_model_holdout", "holdout metrics of the served version (classification: acc, loss; "
+            "regression: rmse, mae, r2, loss)", ["metric"], registry=r)
         self.retrain_jobs = Counter("skqk_retrain_jobs", "retrain jobs by outcome", ["mode", "outcome"],
                                     registry=r)
         self.structural_drift = Gauge(
@@ -58,6 +66,13 @@ class ServingMetrics:
         for signal in DRIFT_SIGNALS:
             self.structural_drift.labels(signal).set(float(drift[signal]))
         self.drift_recommend_full.set(1.0 if drift["recommend_full"] else 0.0)
+
+    def set_model_metrics(self, metrics: dict[str, Any]) -> None:
+        """Export the served version's ``holdout_*`` numbers (only the task's own metrics)."""
+        self.model_holdout.clear()
+        for key, value in metrics.items():
+            if key.startswith("holdout_") and isinstance(value, (int, float)) and value is not None:
+                self.model_holdout.labels(key[len("holdout_"):]).set(float(value))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,7 +14,8 @@
 4. evaluates candidate and champion on the same holdout rows, registers the candidate
    (always, with its metrics), and promotes it by compare-and-set on the champion's version
    only if its holdout accuracy trails the champion's by no more than
-   ``settings.promotion_tolerance``;
+   ``settings.promotion_tolerance`` (regression: its holdout RMSE is at most the champion's
+   × (1 + tolerance)); a candidate with a non-finite metric is never promoted;
 5. writes progress (phase, epoch, losses, val acc) and finally the result into the job row.
 
 The function never touches HTTP or Redis; the caller refreshes serving replicas afterwards.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,9 +36,11 @@ import torch
 from app.core.data import Split
 from app.core.device import pick_device
 from app.core.drift import structural_drift
+from app.core.features import FeatureSchema
 from app.core.network import DecoupledModel, Estimator, PathSelector
-from app.core.training import TrainConfig, TrainingCancelled, evaluate, train_full, train_qk
-from app.serving.models import load_model, register_model
+from app.core.tasks import evaluate_task, holdout_metrics
+from app.core.training import TrainConfig, TrainingCancelled, train_full, train_qk
+from app.serving.models import load_model, register_model, schema_of
 from app.serving.splits import split_masks
 from app.settings import Settings
 from app.storage import Store, VersionRecord
@@ -53,16 +57,38 @@ class RetrainError(RuntimeError):
     """The job cannot run (no active model, too little data, …); the job row says why."""
 
 
-def train_config(settings: Settings) -> TrainConfig:
+def train_config(settings: Settings, task: str = "classification") -> TrainConfig:
     return TrainConfig(epochs=settings.retrain_epochs, batch_size=settings.retrain_batch_size,
                        lr=settings.retrain_lr, patience=settings.retrain_patience,
-                       seed=settings.retrain_seed, device=settings.device)
+                       seed=settings.retrain_seed, device=settings.device, task=task)
 
 
-def holdout_eval(model: DecoupledModel, holdout: Split, device: torch.device) -> tuple[float, float]:
+def holdout_eval(model: DecoupledModel, holdout: Split, device: torch.device,
+                 task: str = "classification") -> dict[str, float]:
+    """``holdout_*`` metrics of a model (accuracy/log loss, or RMSE/MAE/R²)."""
     model.to(device).eval()
     data = holdout.to(device)
-    return evaluate(lambda x, _rows: model(x), data)
+    raw = evaluate_task(lambda x, _rows: model(x), data.x, data.y, task,
+                        model.estimator.net.to_layer_space)
+    return holdout_metrics(raw, task)
+
+
+def gate_decision(task: str, candidate: dict[str, float], champion: dict[str, float],
+                  tolerance: float) -> tuple[bool, str]:
+    """(promote?, why): accuracy may trail by ``tolerance``; RMSE may grow by that fraction."""
+    key = "holdout_acc" if task == "classification" else "holdout_rmse"
+    cand, champ = candidate[key], champion[key]
+    if not all(math.isfinite(float(v)) for v in candidate.values()):
+        return False, f"rejected by the gate: the candidate's holdout metrics are not finite ({candidate})"
+    if task == "classification":
+        if cand >= champ - tolerance:
+            return True, f"holdout acc {cand:.4f} vs champion {champ:.4f}"
+        return False, (f"rejected by the gate: holdout acc {cand:.4f} < champion {champ:.4f} "
+                       f"- tolerance {tolerance}")
+    if not math.isfinite(champ) or cand <= champ * (1 + tolerance):
+        return True, f"holdout rmse {cand:.6g} vs champion {champ:.6g}"
+    return False, (f"rejected by the gate: holdout rmse {cand:.6g} > champion {champ:.6g} × "
+                   f"(1 + tolerance {tolerance})")
 
 
 def corrupt_estimator(scale: float = -1.0, noise: float = 5.0, seed: int = 0) -> CandidateHook:
@@ -75,6 +101,11 @@ def corrupt_estimator(scale: float = -1.0, noise: float = 5.0, seed: int = 0) ->
                 p.mul_(scale).add_(torch.randn(p.shape, generator=gen).to(p.device) * noise)
 
     return hook
+
+
+def _schema_to_keep(record: VersionRecord, schema: FeatureSchema) -> FeatureSchema | None:
+    """Candidates inherit the champion's schema (None stays None: an old store stays as it was)."""
+    return schema if record.feature_schema else None
 
 
 def selector_origin(store: Store, record: VersionRecord) -> VersionRecord:
@@ -153,8 +184,12 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
     watermark = store.max_sample_id()
     champion, champion_record = load_model(store, champion_version)
     spec = champion.spec
-    rows = store.load_samples(spec.input_dim, max_id=watermark)
-    keep = (rows.y >= 0) & (rows.y < spec.num_outputs)
+    schema = schema_of(champion_record, spec)
+    task = schema.task
+    rows = store.load_samples(spec.input_dim, max_id=watermark,
+                              n_targets=spec.num_outputs if schema.is_regression else None)
+    keep = (np.isfinite(rows.y).all(axis=1) if schema.is_regression
+            else (rows.y >= 0) & (rows.y < spec.num_outputs))
     ids, x, y = rows.ids[keep], torch.from_numpy(rows.x[keep]), torch.from_numpy(rows.y[keep])
     masks = split_masks(ids, settings.holdout_modulo)
     train = Split(x[masks.train], y[masks.train])
@@ -164,13 +199,13 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
     if len(holdout) < settings.min_holdout or len(train) == 0 or len(val) == 0:
         raise RetrainError(f"not enough samples to retrain: {sizes} (min_holdout={settings.min_holdout})")
     drift = selector_drift(store, champion_record, champion, ids, x)
-    cfg = train_config(settings)
+    cfg = train_config(settings, task)
     report(phase="training", drift=drift, champion_version=champion_version, data_watermark=watermark,
            epochs=cfg.epochs, **sizes)
 
     def on_epoch(m: dict[str, Any]) -> None:
         report(epoch=m["epoch"], train_loss=m["train_loss"], val_loss=m["val_loss"],
-               val_acc=m["val_acc"])
+               **{k: m[k] for k in ("val_acc", "val_rmse") if k in m})
 
     device = pick_device(settings.device)
     t_train = time.perf_counter()
@@ -190,36 +225,34 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
 
     report(phase="evaluating")
     t_eval = time.perf_counter()
-    cand_loss, cand_acc = holdout_eval(candidate, holdout, device)
-    champ_loss, champ_acc = holdout_eval(champion, holdout, device)
+    cand = holdout_eval(candidate, holdout, device, task)
+    champ = holdout_eval(champion, holdout, device, task)
     eval_s = time.perf_counter() - t_eval
     candidate.cpu()
 
-    gate_ok = cand_acc >= champ_acc - settings.promotion_tolerance
-    metrics = {"holdout_acc": cand_acc, "holdout_loss": cand_loss, "champion_version": champion_version,
-               "champion_holdout_acc": champ_acc, "champion_holdout_loss": champ_loss,
+    gate_ok, verdict = gate_decision(task, cand, champ, settings.promotion_tolerance)
+    metrics = {**cand, "champion_version": champion_version,
+               **{f"champion_{k}": v for k, v in champ.items()},
                "mode": mode, **sizes, **train_result.summary(), "drift": drift}
     report(phase="registering")
     version = register_model(store, candidate, mode=mode, parent=champion_version, metrics=metrics,
-                             data_watermark=watermark, job_id=job_id)
+                             data_watermark=watermark, job_id=job_id,
+                             schema=_schema_to_keep(champion_record, schema))
     promoted = False
     if gate_ok and fence is not None and not fence():
         reason = "not promoted: this job lost the retrain lock (another job owns it now)"
     elif gate_ok:
-        promoted = store.compare_and_set_active(
-            version, champion_version, actor=actor,
-            reason=f"{mode} retrain: holdout acc {cand_acc:.4f} vs champion {champ_acc:.4f}")
+        promoted = store.compare_and_set_active(version, champion_version, actor=actor,
+                                                reason=f"{mode} retrain: {verdict}")
         reason = ("promoted: candidate within tolerance of champion" if promoted else
                   "not promoted: the active version changed while training (stale champion)")
     else:
-        reason = (f"rejected by the gate: holdout acc {cand_acc:.4f} < champion {champ_acc:.4f} "
-                  f"- tolerance {settings.promotion_tolerance}")
+        reason = verdict
     total_s = time.perf_counter() - started
     log.info("retrain %s (%s): v%d %s", job_id, mode, version, reason)
     return {"candidate_version": version, "champion_version": champion_version, "promoted": promoted,
             "reason": reason, "mode": mode,
-            "candidate": {"holdout_acc": cand_acc, "holdout_loss": cand_loss},
-            "champion": {"holdout_acc": champ_acc, "holdout_loss": champ_loss},
+            "task": task, "candidate": cand, "champion": champ,
             "tolerance": settings.promotion_tolerance, "data_watermark": watermark, **sizes,
             "epochs_run": train_result.summary()["epochs_run"], "drift": drift,
             "timings": {"train_s": train_s, "structure_s": train_result.structure_s,

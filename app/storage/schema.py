@@ -7,6 +7,11 @@
 - ``active_model`` is one row; it changes only by compare-and-set on the expected version.
 - ``promotions`` is append-only history; ``retrain_jobs`` is the source of truth for job
   status; ``leases`` holds named single-flight leases (retrain, bootstrap).
+- ``samples.label`` is NULL for regression rows, whose ``targets`` are float32 bytes;
+  ``model_versions.feature_schema`` is NULL for versions stored before it existed.
+
+Every change here needs an Alembic revision in ``app/storage/migrations/versions`` (see
+docs/UPGRADING.md): stores are upgraded by migrations, never by ``create_all``.
 """
 
 from __future__ import annotations
@@ -47,11 +52,13 @@ samples = Table(
     "samples", metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("batch_id", BigId, ForeignKey("ingest_batches.id"), nullable=False, index=True),
-    Column("n_features", Integer, nullable=False, index=True),
+    Column("n_features", Integer, nullable=False),
     Column("features", LargeBinary, nullable=False),  # little-endian float32
-    Column("label", Integer, nullable=False),
+    Column("label", Integer, nullable=True),  # NULL: a regression row (see targets)
     # server-side default: one fewer bound parameter per row keeps bulk ingest cheap
     Column("created_at", UTCDateTime, nullable=False, server_default=func.current_timestamp()),
+    # last, where the 0002 migration's ADD COLUMN puts it: fresh and upgraded stores match
+    Column("targets", LargeBinary, nullable=True),  # regression targets, little-endian float32
     sqlite_autoincrement=True,
 )
 
@@ -69,6 +76,8 @@ model_versions = Table(
     Column("metrics", JSON, nullable=False),
     Column("data_watermark", BigInteger, nullable=True),
     Column("job_id", String(64), nullable=True),
+    # names, shape, task, classes…; NULL for versions stored before revision 0002
+    Column("feature_schema", JSON, nullable=True),
     sqlite_autoincrement=True,
 )
 

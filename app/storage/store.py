@@ -8,6 +8,7 @@ arrays; turning weights into torch modules is the serving layer's job.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError
 
 from app.storage.schema import (
     JOB_STATUSES,
@@ -28,7 +29,6 @@ from app.storage.schema import (
     active_model,
     ingest_batches,
     leases,
-    metadata,
     model_versions,
     promotions,
     retrain_jobs,
@@ -87,7 +87,7 @@ class IngestResult:
 class SampleSet:
     ids: np.ndarray  # int64 [N], ascending
     x: np.ndarray  # float32 [N, D]
-    y: np.ndarray  # int64 [N]
+    y: np.ndarray  # int64 [N] class labels, or float32 [N, T] regression targets
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -107,6 +107,7 @@ class VersionRecord:
     job_id: str | None
     selector_weights: bytes | None = None
     estimator_weights: bytes | None = None
+    feature_schema: dict[str, Any] | None = None  # None: stored before schemas existed
 
     def summary(self, active: bool) -> dict[str, Any]:
         return {"version": self.version, "parent": self.parent, "mode": self.mode,
@@ -178,11 +179,12 @@ class Store:
     @property
     def _insert_samples_sql(self) -> str:
         style = self.engine.dialect.paramstyle
-        marks = {"qmark": "?, ?, ?, ?", "format": "%s, %s, %s, %s", "pyformat": "%s, %s, %s, %s",
-                 "numeric": ":1, :2, :3, :4"}.get(style)
+        marks = {"qmark": "?, ?, ?, ?, ?", "format": "%s, %s, %s, %s, %s", "pyformat": "%s, %s, %s, %s, %s",
+                 "numeric": ":1, :2, :3, :4, :5"}.get(style)
         if marks is None:
             raise NotImplementedError(f"driver paramstyle {style!r}")
-        return f"INSERT INTO {samples.name} (batch_id, n_features, features, label) VALUES ({marks})"
+        return (f"INSERT INTO {samples.name} (batch_id, n_features, features, label, targets) "
+                f"VALUES ({marks})")
 
     @property
     def backend(self) -> str:
@@ -193,15 +195,14 @@ class Store:
 
     # ---- schema --------------------------------------------------------------------------
     def create_schema(self) -> None:
-        """Create missing tables and singleton rows; safe to run from several processes."""
-        for attempt in range(5):
-            try:
-                metadata.create_all(self.engine, checkfirst=True)
-                break
-            except (IntegrityError, ProgrammingError, OperationalError):
-                if attempt == 4:  # a concurrent creator won the race every time: give up
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+        """Upgrade the schema to the newest revision, then insert the singleton rows.
+
+        Safe to run from several processes: the upgrade is serialised by a lock (see
+        app.storage.migrate) and the singleton inserts ignore rows that already exist.
+        """
+        from app.storage.migrate import upgrade_to_head  # alembic only where schemas change
+
+        upgrade_to_head(self.engine)
         self._insert_ignore(active_model, [{"id": 1, "version": None, "updated_at": None}])
         self._insert_ignore(leases, [{"name": n, "holder": None, "expires_at": None} for n in LEASE_NAMES])
 
@@ -218,28 +219,66 @@ class Store:
     def payload_digest(x: np.ndarray, y: np.ndarray) -> str:
         h = hashlib.sha256(f"{x.shape[0]}x{x.shape[1]}:".encode())
         h.update(x.tobytes())
+        if y.dtype.kind == "f":  # regression targets: the shape is part of the payload
+            h.update(f"targets{y.shape}:".encode())
         h.update(y.tobytes())
         return h.hexdigest()
 
-    def ingest(self, features: np.ndarray, labels: np.ndarray | Iterable[int],
-               idempotency_key: str | None = None) -> IngestResult:
-        """Insert a batch of samples in one transaction; a repeated key is a no-op."""
+    @staticmethod
+    def _sample_rows(batch_id: int, x: np.ndarray, y: np.ndarray) -> list[tuple[Any, ...]]:
+        d = x.shape[1]
+        if y.dtype.kind == "f":  # regression: targets as float32 bytes, no class label
+            return [(batch_id, d, row.tobytes(), None, t.tobytes()) for row, t in zip(x, y, strict=True)]
+        return [(batch_id, d, row.tobytes(), label, None) for row, label in zip(x, y.tolist(), strict=True)]
+
+    def _insert_samples(self, conn: Any, batch_id: int, x: np.ndarray, y: np.ndarray) -> None:
+        if self.backend == "sqlite":
+            # One statement for the whole batch: SQLite slices each row out of one blob
+            # (substr on a BLOB counts bytes) while json_each walks the labels, so no Python
+            # or driver work happens per row; about 2× executemany on a file import.
+            n, d = x.shape
+            if y.dtype.kind == "f":
+                k = y.shape[1] * 4
+                sql = (f"INSERT INTO {samples.name} (batch_id, n_features, features, label, targets) "
+                       "SELECT ?, ?, substr(?, key * ? + 1, ?), NULL, substr(?, key * ? + 1, ?) "
+                       "FROM json_each(?)")
+                rows = "[" + ",".join("0" * n) + "]"  # json_each only counts them here
+                params = (batch_id, d, x.tobytes(), 4 * d, 4 * d, y.tobytes(), k, k, rows)
+            else:
+                sql = (f"INSERT INTO {samples.name} (batch_id, n_features, features, label, targets) "
+                       "SELECT ?, ?, substr(?, key * ? + 1, ?), value, NULL FROM json_each(?)")
+                params = (batch_id, d, x.tobytes(), 4 * d, 4 * d, json.dumps(y.tolist()))
+            conn.exec_driver_sql(sql, params)
+            return
+        # straight to the driver's executemany: SQLAlchemy's per-row parameter processing
+        # would cost more than the insert itself
+        conn.exec_driver_sql(self._insert_samples_sql, self._sample_rows(batch_id, x, y))
+
+    def ingest(self, features: np.ndarray, labels: np.ndarray | Iterable[int] | None = None,
+               idempotency_key: str | None = None, targets: np.ndarray | None = None) -> IngestResult:
+        """Insert a batch of samples in one transaction; a repeated key is a no-op.
+
+        Classification rows carry integer ``labels`` [N]; regression rows carry float
+        ``targets`` [N] or [N, T] (stored as float32) instead.
+        """
         x = np.ascontiguousarray(features, dtype="<f4")
-        y = np.ascontiguousarray(np.asarray(labels), dtype="<i8")
-        if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
+        if (labels is None) == (targets is None):
+            raise ValueError("give either labels (classification) or targets (regression)")
+        if targets is not None:
+            y = np.ascontiguousarray(np.asarray(targets, dtype="<f4").reshape(x.shape[0], -1))
+        else:
+            y = np.ascontiguousarray(np.asarray(labels), dtype="<i8")
+        if x.ndim != 2 or y.shape[0] != x.shape[0] or x.shape[0] == 0 or (targets is None and y.ndim != 1):
             raise ValueError(f"need features [N, D] and labels [N] with N > 0; got {x.shape}, {y.shape}")
         digest = self.payload_digest(x, y)
-        n, d = x.shape
+        n = x.shape[0]
         now = utcnow()
         try:
             with self.engine.begin() as conn:
                 res = conn.execute(insert(ingest_batches).values(
                     idempotency_key=idempotency_key, payload_sha256=digest, count=n, created_at=now))
                 batch_id = int(res.inserted_primary_key[0])
-                # straight to the driver's executemany: SQLAlchemy's per-row parameter
-                # processing would cost more than the insert itself
-                conn.exec_driver_sql(self._insert_samples_sql, [
-                    (batch_id, d, row.tobytes(), label) for row, label in zip(x, y.tolist(), strict=True)])
+                self._insert_samples(conn, batch_id, x, y)
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -271,14 +310,22 @@ class Store:
             return int(conn.execute(select(func.coalesce(func.max(samples.c.id), 0))).scalar_one())
 
     def load_samples(self, n_features: int, max_id: int | None = None,
-                     batch_id: int | None = None) -> SampleSet:
-        """All samples with ``n_features`` features and id ≤ ``max_id``, ordered by id."""
-        query = select(samples.c.id, samples.c.features, samples.c.label).where(
-            samples.c.n_features == n_features)
+                     batch_id: int | Iterable[int] | None = None, n_targets: int | None = None
+                     ) -> SampleSet:
+        """All samples with ``n_features`` features and id ≤ ``max_id``, ordered by id.
+
+        ``n_targets`` None: classification rows (with a label); else regression rows with
+        that many targets (y float32 [N, n_targets]).
+        """
+        label = samples.c.label if n_targets is None else samples.c.targets
+        query = select(samples.c.id, samples.c.features, label).where(
+            samples.c.n_features == n_features, label.is_not(None))
         if max_id is not None:
             query = query.where(samples.c.id <= max_id)
-        if batch_id is not None:
+        if isinstance(batch_id, int):
             query = query.where(samples.c.batch_id == batch_id)
+        elif batch_id is not None:  # several batches (a data file stored in chunks)
+            query = query.where(samples.c.batch_id.in_(list(batch_id)))
         ids: list[int] = []
         feats: list[bytes] = []
         labels: list[int] = []
@@ -288,14 +335,21 @@ class Store:
                 feats.append(row[1])
                 labels.append(row[2])
         x = np.frombuffer(b"".join(feats), dtype="<f4").reshape(len(ids), n_features)
-        return SampleSet(np.asarray(ids, dtype=np.int64), x.astype(np.float32),
-                         np.asarray(labels, dtype=np.int64))
+        if n_targets is None:
+            y = np.asarray(labels, dtype=np.int64)
+        else:  # rows stored with another number of targets belong to another model: skip them
+            keep = [len(t) == 4 * n_targets for t in labels]
+            y = np.frombuffer(b"".join(t for t, k in zip(labels, keep, strict=True) if k),
+                              dtype="<f4").reshape(-1, n_targets).astype(np.float32)
+            ids = [i for i, k in zip(ids, keep, strict=True) if k]
+            x = x[np.asarray(keep, dtype=bool)] if len(keep) else x
+        return SampleSet(np.asarray(ids, dtype=np.int64), x.astype(np.float32), y)
 
     # ---- model versions --------------------------------------------------------------------
     def register_version(self, architecture: dict[str, Any], selector_weights: bytes,
                          estimator_weights: bytes, mode: str, parent: int | None,
                          metrics: dict[str, Any], data_watermark: int | None = None,
-                         job_id: str | None = None) -> int:
+                         job_id: str | None = None, feature_schema: dict[str, Any] | None = None) -> int:
         if mode not in ("qk", "full"):
             raise ValueError(f"mode must be qk or full, got {mode!r}")
         with self.engine.begin() as conn:
@@ -303,7 +357,8 @@ class Store:
                 parent=parent, mode=mode, created_at=utcnow(), architecture=clean_json(architecture),
                 selector_weights=selector_weights, selector_sha256=sha256_hex(selector_weights),
                 estimator_weights=estimator_weights, estimator_sha256=sha256_hex(estimator_weights),
-                metrics=clean_json(metrics), data_watermark=data_watermark, job_id=job_id))
+                metrics=clean_json(metrics), data_watermark=data_watermark, job_id=job_id,
+                feature_schema=clean_json(feature_schema)))
             return int(res.inserted_primary_key[0])
 
     _SUMMARY_COLUMNS = tuple(c for c in model_versions.c
@@ -317,7 +372,8 @@ class Store:
             created_at=as_utc(m["created_at"]), architecture=m["architecture"],
             selector_sha256=m["selector_sha256"], estimator_sha256=m["estimator_sha256"],
             metrics=m["metrics"] or {}, data_watermark=m["data_watermark"], job_id=m["job_id"],
-            selector_weights=m.get("selector_weights"), estimator_weights=m.get("estimator_weights"))
+            selector_weights=m.get("selector_weights"), estimator_weights=m.get("estimator_weights"),
+            feature_schema=m.get("feature_schema"))
 
     def get_version(self, version: int, weights: bool = True) -> VersionRecord | None:
         cols = list(model_versions.c) if weights else list(self._SUMMARY_COLUMNS)
