@@ -85,3 +85,21 @@ def test_init_missing_label_column_is_named(data_dir: Path, tmp_path: Path) -> N
     assert run.returncode == 2
     assert "diagnosys" in run.stdout, run.stdout
     assert _active_record(data_dir)[0] is None
+
+
+def test_serve_bootstraps_from_a_file(tmp_path: Path) -> None:
+    from tests.helpers.server import ServerProcess, fast_env
+
+    path = write_parquet(breast_cancer_table(), tmp_path / "cancer.parquet")
+    data_dir = tmp_path / "served"
+    env = fast_env(data_dir, SKQK_BOOTSTRAP_DATA=str(path), SKQK_BOOTSTRAP_LABEL_COLUMN="diagnosis",
+                   SKQK_BOOTSTRAP_ARCH="mlp:32-32")
+    with ServerProcess(data_dir, env) as server, server.client() as c:
+        meta = c.get("/v2/models/skqk").json()
+        assert meta["inputs"][0]["shape"] == [-1, 30]
+        assert meta["parameters"]["class_names"] == ["benign", "malignant"]
+        row = {name: float(v[0]) for name, v in breast_cancer_table().slice(0, 1).to_pydict().items()
+               if name != "diagnosis"}
+        body = c.post("/predict", json={"inputs": [row]}).json()
+        assert body["predictions"][0] in ("benign", "malignant")
+        assert c.get("/samples/count").json() == {"total": 569}

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from app.storage import IdempotencyConflict, Store, UnknownVersion
 from app.storage.schema import ingest_batches, promotions
@@ -75,19 +75,18 @@ def test_concurrent_ingests_with_one_key_store_once(store: Store) -> None:
     assert store.sample_count() == 50
 
 
-def test_ingest_is_one_transaction(store: Store) -> None:
+def test_ingest_is_one_transaction(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     x, y = _batch(4)
+    real_insert = store._insert_samples
 
-    def fail_on_samples(conn, cursor, statement, params, context, executemany):
-        if statement.lstrip().upper().startswith("INSERT INTO SAMPLES"):
-            raise RuntimeError("disk on fire")
+    def insert_then_fail(conn, batch_id, xb, yb):  # the rows went in (COPY / bulk SQL), then a crash
+        real_insert(conn, batch_id, xb, yb)
+        raise RuntimeError("disk on fire")
 
-    event.listen(store.engine, "before_cursor_execute", fail_on_samples)
-    try:
-        with pytest.raises(RuntimeError):
-            store.ingest(x, y, "atomic")
-    finally:
-        event.remove(store.engine, "before_cursor_execute", fail_on_samples)
+    monkeypatch.setattr(store, "_insert_samples", insert_then_fail)
+    with pytest.raises(RuntimeError):
+        store.ingest(x, y, "atomic")
+    monkeypatch.undo()
     assert store.sample_count() == 0
     assert store.get_ingest_batch("atomic") is None  # the batch row rolled back too
     assert store.ingest(x, y, "atomic").accepted == 4  # and the key is still free
