@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from app.core.spec import ArchSpec, StructureLayout
+from app.core.spec import ArchSpec, StructureLayout, layer_inputs, pool_geometry
 from app.core.structure import PackedStructure, Structure, pack, unpack
 
 
@@ -29,17 +29,21 @@ class ReLUNet(nn.Module):
         if seed is not None:
             torch.manual_seed(seed)
         blocks: list[nn.Module] = []
-        prev = tuple(spec.input_shape)
-        for layer, shape in zip(spec.layers, spec.shapes(), strict=True):
+        shapes = spec.shapes()
+        self.inputs = [layer_inputs(i, layer) for i, layer in enumerate(spec.layers)]
+        self._last_use = {j: i for i, ins in enumerate(self.inputs) for j in ins}  # last reader of j
+        for i, layer in enumerate(spec.layers):
+            j = self.inputs[i][0]
+            prev = tuple(spec.input_shape) if j == -1 else shapes[j]
             if layer["type"] == "linear":
                 blocks.append(nn.Linear(prev[0], int(layer["out"])))
             elif layer["type"] == "conv":
                 blocks.append(nn.Conv2d(prev[0], int(layer["out"]), int(layer["kernel"]),
                                         stride=int(layer.get("stride", 1)),
-                                        padding=int(layer.get("padding", 0))))
+                                        padding=int(layer.get("padding", 0)),
+                                        groups=int(layer.get("groups", 1))))
             else:
                 blocks.append(nn.Identity())  # keeps layer indices aligned with the spec
-            prev = shape
         if seed is not None:
             torch.random.set_rng_state(generator_state)
         self.blocks = nn.ModuleList(blocks)
@@ -78,60 +82,80 @@ class ReLUNet(nn.Module):
         return self.finish_output(self.plain_layers(self.prepare_input(x), len(self.blocks)))
 
     def plain_layers(self, h: torch.Tensor, stop: int) -> torch.Tensor:
-        """The ordinary ReLU forward of layers [0, stop) on an already reshaped input."""
-        for layer, block in zip(self.spec.layers[:stop], self.blocks[:stop], strict=True):
-            kind = layer["type"]
-            if kind == "relu":
-                h = F.relu(h)
-            elif kind == "maxpool":
-                k = int(layer["kernel"])
-                h = F.max_pool2d(h, k, int(layer.get("stride", k)))
-            elif kind == "flatten":
-                h = h.flatten(1)
-            else:
-                h = block(h)
-        return h
+        """The ordinary ReLU forward of layers [0, stop) on an already prepared input."""
+        return self.run_layers(h, 0, stop)
 
     def forward_with_structure(self, x: torch.Tensor) -> tuple[torch.Tensor, Structure]:
         """Plain forward that also records every gate and every max-pool argmax."""
-        h = self.prepare_input(x)
-        gates: list[torch.Tensor] = []
-        pools: list[torch.Tensor] = []
-        for layer, block in zip(self.spec.layers, self.blocks, strict=True):
-            kind = layer["type"]
-            if kind == "relu":
-                gate = h > 0
-                gates.append(gate)
-                h = h * gate
-            elif kind == "maxpool":
-                k = int(layer["kernel"])
-                h, idx = F.max_pool2d(h, k, int(layer.get("stride", k)), return_indices=True)
-                pools.append(idx)
-            elif kind == "flatten":
-                h = h.flatten(1)
-            else:
-                h = block(h)
-        return self.finish_output(h), Structure(gates, pools)
+        structure = Structure([], [])
+        h = self.run_layers(self.prepare_input(x), 0, len(self.blocks), record=structure)
+        return self.finish_output(h), structure
 
     def gated_forward(self, x: torch.Tensor, structure: Structure) -> torch.Tensor:
         """Forward with every ReLU replaced by the given gate and every max-pool by a gather."""
-        h = self.prepare_input(x)
-        gate_i = pool_i = 0
-        for layer, block in zip(self.spec.layers, self.blocks, strict=True):
+        h = self.run_layers(self.prepare_input(x), 0, len(self.blocks), structure.gates,
+                            structure.pool_indices)
+        return self.finish_output(h)
+
+    def run_layers(self, h: torch.Tensor, start: int, stop: int, gates: list[torch.Tensor] | None = None,
+                   pools: list[torch.Tensor] | None = None, record: Structure | None = None
+                   ) -> torch.Tensor:
+        """Layers [start, stop) on ``h`` (the output of layer start − 1, or the prepared input).
+
+        The one loop behind every pass: plain (ReLU and max-pool decide), recording (the same,
+        appending each gate and argmax to ``record``), or gated (``gates``/``pools`` given: the
+        ReLUs and max-pools of this slice, in order, are replaced by those masks and gathers).
+        Returns the output of layer stop − 1.
+        """
+        outs: dict[int, torch.Tensor] = {start - 1: h}
+        gi = pi = 0
+        for i in range(start, stop):
+            layer, block = self.spec.layers[i], self.blocks[i]
+            try:
+                ins = [outs[j] for j in self.inputs[i]]
+            except KeyError:
+                raise ValueError(f"layer {i} reads a layer before {start - 1}; "
+                                 "run this net from layer 0") from None
+            h = ins[0]
             kind = layer["type"]
             if kind == "relu":
-                h = h * structure.gates[gate_i].to(h.dtype)
-                gate_i += 1
+                if gates is not None:
+                    h = h * gates[gi].to(h.dtype)
+                elif record is not None:
+                    gate = h > 0
+                    record.gates.append(gate)
+                    h = h * gate
+                else:
+                    h = F.relu(h)
+                gi += 1
             elif kind == "maxpool":
-                idx = structure.pool_indices[pool_i]
-                n, c = idx.shape[:2]
-                h = h.flatten(2).gather(2, idx.flatten(2)).view(n, c, *idx.shape[2:])
-                pool_i += 1
+                k, s, p = pool_geometry(layer)
+                if pools is not None:
+                    idx = pools[pi]
+                    n, c = idx.shape[:2]
+                    h = h.flatten(2).gather(2, idx.flatten(2)).view(n, c, *idx.shape[2:])
+                elif record is not None:
+                    h, idx = F.max_pool2d(h, k, s, p, return_indices=True)
+                    record.pool_indices.append(idx)
+                else:
+                    h = F.max_pool2d(h, k, s, p)
+                pi += 1
+            elif kind == "avgpool":  # linear: no structure
+                k, s, p = pool_geometry(layer)
+                h = F.avg_pool2d(h, k, s, p, count_include_pad=bool(layer.get("count_include_pad", True)))
+            elif kind == "gap":
+                h = h.mean(dim=(2, 3), keepdim=bool(layer.get("keepdim", True)))
             elif kind == "flatten":
                 h = h.flatten(1)
+            elif kind == "add":
+                h = ins[0] + ins[1]
             else:
                 h = block(h)
-        return self.finish_output(h)
+            outs[i] = h
+            for j in self.inputs[i]:  # free what no later layer reads (skip connections keep theirs)
+                if self._last_use[j] == i:
+                    outs.pop(j, None)
+        return outs[stop - 1]
 
     def param_vector(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.parameters()])

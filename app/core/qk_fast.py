@@ -99,35 +99,22 @@ def _offsets(net: ReLUNet, start: int) -> tuple[int, int]:
 def resolve_train_from(net: ReLUNet, train_from: int | str) -> int:
     layers = param_layers(net)
     if train_from in ("all", "auto"):
-        return layers[0]
+        return layers[0] if net.spec.is_sequential else 0  # a DAG is only cut at its input
     start = int(train_from)
     if start < 0:  # -k: the last k parameter layers
         start = layers[max(len(layers) + start, 0)]
     if start not in layers:
         raise ValueError(f"train_from={train_from!r} is not a linear/conv layer index; use 'all', "
                          f"-k or one of {layers}")
+    if not net.spec.is_sequential and any(j < start - 1 for ins in net.inputs[start:] for j in ins):
+        raise ValueError(f"train_from={train_from!r}: a skip connection crosses layer {start}; use 'all'")
     return start
 
 
 def run_layers(net: ReLUNet, h: torch.Tensor, gates: list[torch.Tensor], pools: list[torch.Tensor],
                start: int, stop: int) -> torch.Tensor:
     """Gated forward of ``net.spec.layers[start:stop]``; ``gates``/``pools`` are that slice's."""
-    gi = pi = 0
-    for li in range(start, stop):
-        kind = net.spec.layers[li]["type"]
-        if kind == "relu":
-            h = h * gates[gi].to(h.dtype)
-            gi += 1
-        elif kind == "maxpool":
-            idx = pools[pi]
-            n, c = idx.shape[:2]
-            h = h.flatten(2).gather(2, idx.flatten(2)).view(n, c, *idx.shape[2:])
-            pi += 1
-        elif kind == "flatten":
-            h = h.flatten(1)
-        else:
-            h = net.blocks[li](h)
-    return h
+    return net.run_layers(h, start, stop, gates, pools)
 
 
 # ---- caches of what stays fixed -----------------------------------------------------------

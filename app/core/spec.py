@@ -18,7 +18,23 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-LAYER_TYPES = {"linear", "conv", "relu", "maxpool", "flatten"}
+LAYER_TYPES = {"linear", "conv", "relu", "maxpool", "avgpool", "gap", "flatten", "add"}
+POOL_TYPES = {"maxpool", "avgpool"}
+
+
+def layer_inputs(index: int, layer: dict[str, Any]) -> list[int]:
+    """The nodes a layer reads: ``layer["inputs"]`` (−1 = the network input), else the previous one.
+
+    Without any ``inputs`` key a spec is the plain layer list it always was; with them it is a
+    small DAG in topological order (residual blocks: ``{"type": "add", "inputs": [a, b]}``).
+    """
+    return [int(j) for j in layer.get("inputs", [index - 1])]
+
+
+def pool_geometry(layer: dict[str, Any]) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of a max/avg pool layer (square windows)."""
+    k = int(layer["kernel"])
+    return k, int(layer.get("stride", k)), int(layer.get("padding", 0))
 
 
 @dataclass(frozen=True)
@@ -38,38 +54,31 @@ class ArchSpec:
     def num_outputs(self) -> int:
         return int(self.shapes()[-1][0])
 
+    @property
+    def is_sequential(self) -> bool:
+        """Every layer reads the one before it (no skip connections)."""
+        return all(layer_inputs(i, layer) == [i - 1] for i, layer in enumerate(self.layers))
+
     def shapes(self) -> list[tuple[int, ...]]:
-        """Per-sample output shape after each layer (validates the spec as it goes)."""
-        shape = tuple(self.input_shape)
+        """Per-sample output shape of each layer (validates the spec as it goes)."""
         out: list[tuple[int, ...]] = []
         for i, layer in enumerate(self.layers):
             kind = layer.get("type")
             if kind not in LAYER_TYPES:
                 raise ValueError(f"layer {i}: unknown type {kind!r}; allowed {sorted(LAYER_TYPES)}")
-            if kind == "linear":
-                if len(shape) != 1:
-                    raise ValueError(f"layer {i}: linear needs a flat input, got {shape}")
-                shape = (int(layer["out"]),)
-            elif kind == "conv":
-                if len(shape) != 3:
-                    raise ValueError(f"layer {i}: conv needs a (C,H,W) input, got {shape}")
-                k, s, p = int(layer["kernel"]), int(layer.get("stride", 1)), int(layer.get("padding", 0))
-                h = (shape[1] + 2 * p - k) // s + 1
-                w = (shape[2] + 2 * p - k) // s + 1
-                shape = (int(layer["out"]), h, w)
-            elif kind == "maxpool":
-                if len(shape) != 3:
-                    raise ValueError(f"layer {i}: maxpool needs a (C,H,W) input, got {shape}")
-                k = int(layer["kernel"])
-                s = int(layer.get("stride", k))
-                shape = (shape[0], (shape[1] - k) // s + 1, (shape[2] - k) // s + 1)
-            elif kind == "flatten":
-                shape = (math.prod(shape),)
+            inputs = layer_inputs(i, layer)
+            if any(j < -1 or j >= i for j in inputs) or len(inputs) != (2 if kind == "add" else 1):
+                raise ValueError(f"layer {i} ({kind}): bad inputs {inputs} (earlier layers, −1 = input; "
+                                 f"'add' takes two)")
+            ins = [tuple(self.input_shape) if j == -1 else out[j] for j in inputs]
+            shape = _layer_shape(i, layer, ins)
             if min(shape) <= 0:
                 raise ValueError(f"layer {i}: shape collapsed to {shape}")
             out.append(shape)
         if not self.layers or self.layers[-1]["type"] != "linear":
             raise ValueError("the last layer must be linear (the output layer has no ReLU)")
+        if layer_inputs(len(self.layers) - 1, self.layers[-1]) != [len(self.layers) - 2]:
+            raise ValueError("the output layer must read the layer just before it")
         return out
 
     # ---- (de)serialisation -----------------------------------------------------------
@@ -123,6 +132,41 @@ class ArchSpec:
     @classmethod
     def from_json(cls, s: str) -> ArchSpec:
         return cls.from_dict(json.loads(s))
+
+
+def _conv_out(size: int, k: int, s: int, p: int) -> int:
+    return (size + 2 * p - k) // s + 1
+
+
+def _layer_shape(i: int, layer: dict[str, Any], ins: list[tuple[int, ...]]) -> tuple[int, ...]:
+    kind, shape = layer["type"], ins[0]
+    if kind == "linear":
+        if len(shape) != 1:
+            raise ValueError(f"layer {i}: linear needs a flat input, got {shape}")
+        return (int(layer["out"]),)
+    if kind in ("conv", "maxpool", "avgpool", "gap") and len(shape) != 3:
+        raise ValueError(f"layer {i}: {kind} needs a (C,H,W) input, got {shape}")
+    if kind == "conv":
+        k, s, p = int(layer["kernel"]), int(layer.get("stride", 1)), int(layer.get("padding", 0))
+        groups = int(layer.get("groups", 1))
+        if shape[0] % groups or int(layer["out"]) % groups:
+            raise ValueError(f"layer {i}: channels {shape[0]}→{layer['out']} not divisible by "
+                             f"groups {groups}")
+        return (int(layer["out"]), _conv_out(shape[1], k, s, p), _conv_out(shape[2], k, s, p))
+    if kind in POOL_TYPES:
+        k, s, p = pool_geometry(layer)
+        if p > k // 2:
+            raise ValueError(f"layer {i}: pool padding {p} must be at most half the kernel {k}")
+        return (shape[0], _conv_out(shape[1], k, s, p), _conv_out(shape[2], k, s, p))
+    if kind == "gap":
+        return (shape[0], 1, 1) if layer.get("keepdim", True) else (shape[0],)
+    if kind == "flatten":
+        return (math.prod(shape),)
+    if kind == "add":
+        if ins[0] != ins[1]:
+            raise ValueError(f"layer {i}: add needs equal shapes, got {ins[0]} and {ins[1]}")
+        return shape
+    return shape  # relu
 
 
 def _pair(d: dict[str, Any] | None, a: str, b: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -211,7 +255,7 @@ class StructureLayout:
     gate_shapes: list[tuple[int, ...]] = field(default_factory=list)
     pool_in_shapes: list[tuple[int, ...]] = field(default_factory=list)
     pool_out_shapes: list[tuple[int, ...]] = field(default_factory=list)
-    pool_windows: list[tuple[int, int]] = field(default_factory=list)  # (kernel, stride)
+    pool_windows: list[tuple[int, int, int]] = field(default_factory=list)  # (kernel, stride, padding)
 
     @property
     def num_gates(self) -> int:
@@ -220,14 +264,13 @@ class StructureLayout:
     @classmethod
     def of(cls, spec: ArchSpec) -> StructureLayout:
         layout = cls()
-        prev = tuple(spec.input_shape)
-        for layer, shape in zip(spec.layers, spec.shapes(), strict=True):
+        shapes = spec.shapes()
+        for i, (layer, shape) in enumerate(zip(spec.layers, shapes, strict=True)):
             if layer["type"] == "relu":
                 layout.gate_shapes.append(shape)
             elif layer["type"] == "maxpool":
-                k = int(layer["kernel"])
-                layout.pool_in_shapes.append(prev)
+                j = layer_inputs(i, layer)[0]
+                layout.pool_in_shapes.append(tuple(spec.input_shape) if j == -1 else shapes[j])
                 layout.pool_out_shapes.append(shape)
-                layout.pool_windows.append((k, int(layer.get("stride", k))))
-            prev = shape
+                layout.pool_windows.append(pool_geometry(layer))
         return layout

@@ -85,13 +85,13 @@ def unpack_bits(packed: torch.Tensor, num_bits: int) -> torch.Tensor:
     return bits.view(packed.shape[0], -1)[:, :num_bits]
 
 
-def _window_origin(out_shape: tuple[int, ...], in_w: int, stride: int, device: torch.device
-                   ) -> torch.Tensor:
-    """Flat input index of the top-left corner of every pooling window, shape [Ho, Wo]."""
+def _window_origin(out_shape: tuple[int, ...], stride: int, padding: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input row and column of the top-left corner of every pooling window ([Ho, 1], [1, Wo])."""
     ho, wo = out_shape[1], out_shape[2]
-    rows = torch.arange(ho, device=device) * stride
-    cols = torch.arange(wo, device=device) * stride
-    return rows[:, None] * in_w + cols[None, :]
+    rows = torch.arange(ho, device=device) * stride - padding
+    cols = torch.arange(wo, device=device) * stride - padding
+    return rows[:, None], cols[None, :]
 
 
 def pack(structure: Structure, layout: StructureLayout) -> PackedStructure:
@@ -101,12 +101,12 @@ def pack(structure: Structure, layout: StructureLayout) -> PackedStructure:
     else:
         flat = torch.zeros(n, 0, dtype=torch.bool, device=structure.pool_indices[0].device)
     choices = []
-    for idx, in_shape, out_shape, (k, s) in zip(structure.pool_indices, layout.pool_in_shapes,
-                                                layout.pool_out_shapes, layout.pool_windows,
-                                                strict=True):
+    for idx, in_shape, out_shape, (k, s, p) in zip(structure.pool_indices, layout.pool_in_shapes,
+                                                   layout.pool_out_shapes, layout.pool_windows,
+                                                   strict=True):
         in_w = in_shape[2]
-        offset = idx - _window_origin(out_shape, in_w, s, idx.device)
-        local = (offset // in_w) * k + offset % in_w
+        row0, col0 = _window_origin(out_shape, s, p, idx.device)
+        local = (idx // in_w - row0) * k + (idx % in_w - col0)  # position inside the window
         choices.append(local.to(torch.uint8))
     return PackedStructure(pack_bits(flat), choices, flat.shape[1])
 
@@ -120,13 +120,13 @@ def unpack(packed: PackedStructure, layout: StructureLayout) -> Structure:
         gates.append(flat[:, start:start + size].reshape(n, *shape))
         start += size
     indices = []
-    for local, in_shape, out_shape, (k, s) in zip(packed.pool_choices, layout.pool_in_shapes,
-                                                  layout.pool_out_shapes, layout.pool_windows,
-                                                  strict=True):
+    for local, in_shape, out_shape, (k, s, p) in zip(packed.pool_choices, layout.pool_in_shapes,
+                                                     layout.pool_out_shapes, layout.pool_windows,
+                                                     strict=True):
         in_w = in_shape[2]
         local = local.to(torch.int64)
-        origin = _window_origin(out_shape, in_w, s, local.device)
-        indices.append(origin + (local // k) * in_w + local % k)
+        row0, col0 = _window_origin(out_shape, s, p, local.device)
+        indices.append((row0 + local // k) * in_w + col0 + local % k)
     return Structure(gates, indices)
 
 
