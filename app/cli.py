@@ -188,6 +188,74 @@ def ingest(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="C
                   f"{report.total_samples} samples (version {active}'s schema)")
 
 
+@cli.command("import")
+def import_(model: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                        help="MODEL.onnx, MODEL.pt2 (torch.export.save) or "
+                                             "MODEL.safetensors"),
+            data: Path | None = typer.Option(None, "--data", exists=True, dir_okay=False,
+                                             help="the data the model was trained on (stored as "
+                                                  "old samples)"),
+            label_column: str | None = typer.Option(None, "--label-column", help="label column(s) of --data"),
+            features: str | None = typer.Option(None, "--features", help="feature columns of --data, in the "
+                                                                         "network's input order"),
+            task: str = typer.Option("classification", help="classification | regression"),
+            classes: str | None = typer.Option(None, help="class names in output order"),
+            input_shape: str | None = typer.Option(None, "--input-shape", help="C,H,W (or D) when the file "
+                                                                                "leaves it open"),
+            activate: bool = typer.Option(False, help="make it the active version (automatic on an empty "
+                                                      "store)")) -> None:
+    """Register a network trained elsewhere; selector and estimator both start as its weights.
+
+    Checked against the source model (onnxruntime / the exported program) before anything is
+    stored; unsupported ops are refused by name.
+    """
+    from app.core.features import SchemaError
+    from app.importers import UnsupportedModel
+    from app.serving.importing import ImportMismatch, import_model
+
+    shape = tuple(int(v) for v in _names(input_shape)) if input_shape else None
+    settings, store = _store()
+    try:
+        result = import_model(store, settings, model, data, _names(label_column) or None,
+                              _names(features) if features else None, task,
+                              _names(classes) if classes else None, shape, activate)
+    except (UnsupportedModel, ImportMismatch, SchemaError) as exc:
+        _fail(f"{model}: {exc}", 2)
+    except ValueError as exc:  # a data file problem (DataFileError) or a bad option
+        _fail(f"{exc}", 2)
+    finally:
+        store.dispose()
+    state = "active" if result.activated else f"not active (POST /models/{result.version}/activate)"
+    console.print(f"version {result.version} ({state}): imported {model.name}, max |diff| vs source "
+                  f"{result.max_abs_diff:.3g}, {result.n_samples_stored} samples stored")
+    for note in result.notes:
+        console.print(f"  {note}")
+    console.print_json(json.dumps(result.metrics))
+
+
+@cli.command()
+def export(version: int = typer.Argument(..., help="model version"),
+           format: str = typer.Option("onnx", "--format", help="onnx"),
+           output: Path = typer.Option(..., "-o", "--output", help="file to write")) -> None:
+    """Write a served version (selector gates → estimator outputs) as one ONNX graph."""
+    from app.importers.onnx_export import export_onnx
+    from app.serving.models import load_model, schema_of
+    from app.storage import UnknownVersion
+
+    if format != "onnx":
+        _fail("--format: only onnx is supported", 2)
+    _settings, store = _store()
+    try:
+        model, record = load_model(store, version)
+    except UnknownVersion as exc:
+        _fail(str(exc), 2)
+    finally:
+        store.dispose()
+    schema = schema_of(record, model.spec)
+    export_onnx(model, output, output_name="predictions" if schema.is_regression else "logits")
+    console.print(f"version {version} → {output} (input [N, {', '.join(map(str, model.spec.input_shape))}])")
+
+
 def _ingest_progress() -> Progress:
     from rich.progress import TimeRemainingColumn
 

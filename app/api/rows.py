@@ -57,9 +57,28 @@ def _row_values(row: Any, schema: FeatureSchema, where: str) -> tuple[list[Any],
     if type(row) is not list:
         raise ApiError(422, f"{where}: expected a list of {schema.input_dim} numbers or an object keyed "
                             f"by feature name, got {json_kind(row)}")
+    shape = schema.input_shape
+    if len(shape) > 1 and row and type(row[0]) is list:  # nested in the input shape, e.g. [C][H][W]
+        return _flatten_nested(row, shape, where), False
     if len(row) != schema.input_dim:
         raise ApiError(422, f"{where}: expected {schema.input_dim} features, got {len(row)}")
     return row, False
+
+
+def _flatten_nested(row: list[Any], shape: tuple[int, ...], where: str) -> list[Any]:
+    """A row nested as ``shape`` → its values flat, in C-order (422 naming the first misfit)."""
+    if len(row) != shape[0]:
+        raise ApiError(422, f"{where}: expected {shape[0]} entries here (input shape {list(shape)}), "
+                            f"got {len(row)}")
+    if len(shape) == 1:
+        return row
+    flat: list[Any] = []
+    for i, part in enumerate(row):
+        if type(part) is not list:
+            raise ApiError(422, f"{where}[{i}]: expected a list (input shape {list(shape)}), "
+                                f"got {json_kind(part)}")
+        flat.extend(_flatten_nested(part, shape[1:], f"{where}[{i}]"))
+    return flat
 
 
 def parse_rows(rows: Sequence[Any], schema: FeatureSchema, where: Where, field: str) -> np.ndarray:

@@ -76,17 +76,50 @@ def is_mlp(spec: ArchSpec) -> bool:
         for i in range(0, len(kinds), 2))
 
 
+class SharedTrunkForward(torch.nn.Module):
+    """One pass instead of two when the estimator's hidden layers still equal the selector's.
+
+    That is the state right after an import or a full retrain, and after every readout-only QK
+    retrain (the default): with equal weights below the readout, the gated estimator and the
+    plain selector compute the same penultimate activations, so the pair's output is the
+    estimator's readout applied to the selector's own forward. Exact, not an approximation.
+    """
+
+    def __init__(self, model: DecoupledModel) -> None:
+        super().__init__()
+        self.selector = model.selector.net
+        self.readout = model.estimator.net.blocks[-1]
+        self.estimator = model.estimator.net
+        self.last = len(self.selector.spec.layers) - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.selector.plain_layers(self.selector.prepare_input(x), self.last)
+        return self.estimator.finish_output(self.readout(h))
+
+
+def shares_trunk(model: DecoupledModel) -> bool:
+    """Whether every layer below the readout holds bit-identical weights in both nets."""
+    sel, est = model.selector.net, model.estimator.net
+    return all(torch.equal(a, b) for i in range(len(sel.blocks) - 1)
+               for a, b in zip(sel.blocks[i].parameters(), est.blocks[i].parameters(), strict=True))
+
+
 def compile_for_inference(model: DecoupledModel, device: torch.device,
                           check_sizes: tuple[int, ...] = (1, 3, 17)) -> torch.nn.Module:
-    """The module ``LoadedModel.infer`` calls: a lean MLP forward when the spec allows it.
+    """The module ``LoadedModel.infer`` calls: a lean MLP forward when the spec allows it, else
+    one shared-trunk pass when the weights below the readout agree, else the reference pair.
 
-    Verified against the reference ``DecoupledModel`` forward on random inputs before use;
-    any other architecture (CNNs) or a mismatch serves the reference model itself.
+    Verified against the reference ``DecoupledModel`` forward on random inputs before use; a
+    mismatch serves the reference model itself.
     """
-    if not is_mlp(model.spec):
+    if is_mlp(model.spec):
+        candidate: type[torch.nn.Module] | None = MLPForward
+    elif shares_trunk(model):
+        candidate = SharedTrunkForward
+    else:
         return model
     try:
-        fast = MLPForward(model)
+        fast = candidate(model)
         gen = torch.Generator().manual_seed(0)
         with torch.inference_mode():
             for n in check_sizes:

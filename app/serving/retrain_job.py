@@ -110,7 +110,7 @@ def _schema_to_keep(record: VersionRecord, schema: FeatureSchema) -> FeatureSche
 
 def selector_origin(store: Store, record: VersionRecord) -> VersionRecord:
     """The version whose full training produced this version's selector (its structure)."""
-    while record.mode != "full" and record.parent is not None:
+    while record.mode not in ("full", "import") and record.parent is not None:
         parent = store.get_version(record.parent, weights=False)
         if parent is None:
             break

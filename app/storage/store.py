@@ -360,8 +360,8 @@ class Store:
                          estimator_weights: bytes, mode: str, parent: int | None,
                          metrics: dict[str, Any], data_watermark: int | None = None,
                          job_id: str | None = None, feature_schema: dict[str, Any] | None = None) -> int:
-        if mode not in ("qk", "full"):
-            raise ValueError(f"mode must be qk or full, got {mode!r}")
+        if mode not in ("qk", "full", "import"):  # import: a network trained elsewhere
+            raise ValueError(f"mode must be qk, full or import, got {mode!r}")
         with self.engine.begin() as conn:
             res = conn.execute(insert(model_versions).values(
                 parent=parent, mode=mode, created_at=utcnow(), architecture=clean_json(architecture),

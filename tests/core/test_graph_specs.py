@@ -105,3 +105,19 @@ def test_qk_training_on_resnet_leaves_selector_untouched(qk_epochs):
     assert result.best_epoch >= 1 and loss_after < loss_before  # the refit learnt something
     assert abs(loss_after - result.best_val_loss) < 1e-4  # the served estimator is the best one
     assert all(torch.equal(a, b) for a, b in zip(before, model.selector.parameters(), strict=True))
+
+
+def test_serving_uses_one_pass_exactly_when_the_trunks_agree():
+    from app.serving.holder import SharedTrunkForward, compile_for_inference
+
+    spec = resnet_spec(True)
+    model = DecoupledModel.from_net(ReLUNet(spec, seed=7)).eval()
+    with torch.no_grad():  # a readout-only QK retrain changes just the last layer
+        model.estimator.net.blocks[-1].weight.mul_(1.5)
+    runner = compile_for_inference(model, torch.device("cpu"))
+    assert isinstance(runner, SharedTrunkForward)
+    x = torch.randn(11, spec.input_dim)
+    with torch.no_grad():
+        assert torch.allclose(runner(x), model(x), rtol=1e-5, atol=1e-6)
+        model.estimator.net.blocks[0].weight.add_(0.01)  # hidden layers differ: two passes needed
+    assert compile_for_inference(model, torch.device("cpu")) is model
