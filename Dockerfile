@@ -9,8 +9,9 @@ FROM ${PYTHON_IMAGE}
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cpu
 # extras: "files" adds pyarrow for CSV/Parquet (`skqk init --data`, `skqk ingest`,
-# SKQK_BOOTSTRAP_DATA); serving replicas need none: --build-arg SKQK_EXTRAS=
-ARG SKQK_EXTRAS=files
+# SKQK_BOOTSTRAP_DATA), "import" onnx + onnxruntime (`skqk import/export`); serving replicas
+# need neither: --build-arg SKQK_EXTRAS=
+ARG SKQK_EXTRAS=files,import
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

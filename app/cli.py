@@ -221,6 +221,8 @@ def import_(model: Path = typer.Argument(..., exists=True, dir_okay=False,
                               _names(classes) if classes else None, shape, activate)
     except (UnsupportedModel, ImportMismatch, SchemaError) as exc:
         _fail(f"{model}: {exc}", 2)
+    except ImportError as exc:  # onnx / onnxruntime / pyarrow not installed
+        _fail(f"{exc}: pip install 'skqk-serve[import,files]'", 2)
     except ValueError as exc:  # a data file problem (DataFileError) or a bad option
         _fail(f"{exc}", 2)
     finally:
@@ -238,12 +240,15 @@ def export(version: int = typer.Argument(..., help="model version"),
            format: str = typer.Option("onnx", "--format", help="onnx"),
            output: Path = typer.Option(..., "-o", "--output", help="file to write")) -> None:
     """Write a served version (selector gates → estimator outputs) as one ONNX graph."""
-    from app.importers.onnx_export import export_onnx
     from app.serving.models import load_model, schema_of
     from app.storage import UnknownVersion
 
     if format != "onnx":
         _fail("--format: only onnx is supported", 2)
+    try:
+        from app.importers.onnx_export import export_onnx
+    except ImportError as exc:
+        _fail(f"{exc}: pip install 'skqk-serve[import]'", 2)
     _settings, store = _store()
     try:
         model, record = load_model(store, version)
@@ -252,7 +257,10 @@ def export(version: int = typer.Argument(..., help="model version"),
     finally:
         store.dispose()
     schema = schema_of(record, model.spec)
-    export_onnx(model, output, output_name="predictions" if schema.is_regression else "logits")
+    try:
+        export_onnx(model, output, output_name="predictions" if schema.is_regression else "logits")
+    except ImportError as exc:
+        _fail(f"{exc}: pip install 'skqk-serve[import]'", 2)
     console.print(f"version {version} → {output} (input [N, {', '.join(map(str, model.spec.input_shape))}])")
 
 
