@@ -31,15 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import machine_info, markdown_table, write_section
-from tests.importers.nets import resnet_net, train_briefly
-
-
-def teacher(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    gen = np.random.default_rng(seed)
-    x = gen.standard_normal((n, 3, 16, 16)).astype(np.float32)
-    quads = x.reshape(n, 3, 2, 8, 2, 8).mean(axis=(3, 5)).reshape(n, -1) * 8
-    proj = np.random.default_rng(99).standard_normal((12, 5))
-    return x, (quads @ proj).argmax(1).astype(np.int64)
+from tests.importers.nets import resnet_net, teacher_data, train_briefly
 
 
 def rate(fn, x: np.ndarray, batch: int = 64, seconds: float = 2.0) -> float:
@@ -73,7 +65,7 @@ def main() -> None:
     from app.storage import open_store
 
     work = Path(tempfile.mkdtemp(prefix="skqk-bench-import-"))
-    x, y = teacher(2000, 0)
+    x, y = teacher_data(2000, 0)
     torch.manual_seed(0)
     net = train_briefly(resnet_net(), torch.from_numpy(x), torch.from_numpy(y), steps=200, lr=0.05)
     onnx_path = work / "resnet.onnx"
@@ -114,7 +106,7 @@ def main() -> None:
     pair_med, ort_med = statistics.median(pair_rates), statistics.median(ort_rates)
     serve_med = statistics.median(serve_rates)
 
-    new_x, new_y = teacher(1000, 1)
+    new_x, new_y = teacher_data(1000, 1)
     store.ingest(new_x.reshape(len(new_x), -1), new_y, "bench-new")
     retrains = {}
     for mode in ("qk", "full"):

@@ -134,3 +134,14 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 180.0) -> dict[str, Any]:
+    """Poll ``GET /retrain/{job_id}`` until the job has finished; its last status body."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/retrain/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish within {timeout}s")

@@ -13,35 +13,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tests.helpers.server import API_KEY, ServerProcess, fast_env
-from tests.importers.nets import mlp_net, resnet_net, train_briefly
+from tests.helpers.server import API_KEY, ServerProcess, fast_env, wait_job
+from tests.importers.nets import mlp_net, resnet_net, teacher_data, train_briefly
 from tests.owndata.conftest import sample_count, skqk
 
 ADMIN = {"X-API-Key": API_KEY}
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]
 
 
-def teacher_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images whose class is the argmax of a fixed projection of their quadrant means."""
-    gen = np.random.default_rng(seed)
-    x = gen.standard_normal((n, 3, 16, 16)).astype(np.float32)
-    quads = x.reshape(n, 3, 2, 8, 2, 8).mean(axis=(3, 5)).reshape(n, -1) * 8
-    proj = np.random.default_rng(99).standard_normal((12, 5))
-    return x, (quads @ proj).argmax(1).astype(np.int64)
-
-
 def close(a: np.ndarray, b: np.ndarray) -> bool:
     return float(np.abs(a - b).max()) <= 1e-4 * max(1.0, float(np.abs(b).max()))
-
-
-def _wait_job(c, job_id: str, timeout: float = 180.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/retrain/{job_id}").json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 def test_import_onnx_resnet_serve_export_retrain(tmp_path: Path) -> None:
@@ -85,7 +66,7 @@ def test_import_onnx_resnet_serve_export_retrain(tmp_path: Path) -> None:
         assert r.status_code == 200, r.text
         r = c.post("/retrain", json={"mode": "qk"}, headers=ADMIN)
         assert r.status_code == 202, r.text
-        job = _wait_job(c, r.json()["job_id"])
+        job = wait_job(c, r.json()["job_id"])
         assert job["status"] == "succeeded", job
         assert job["result"]["promoted"] is True, job["result"]
         deadline = time.monotonic() + 10
@@ -112,7 +93,7 @@ def test_import_pt2_mlp_without_data(tmp_path: Path) -> None:
         assert close(np.asarray(body["outputs"], dtype=np.float32), run_pt2(path, probe))
         assert body["predictions"] == body["prediction_indices"]  # no --classes: integers stay integers
         r = c.post("/retrain", json={"mode": "qk"}, headers=ADMIN)
-        job = _wait_job(c, r.json()["job_id"])
+        job = wait_job(c, r.json()["job_id"])
         assert job["status"] == "failed" and "not enough samples" in job["error"]
 
 

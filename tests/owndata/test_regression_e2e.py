@@ -6,22 +6,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import httpx
-
-from tests.helpers.server import API_KEY, ServerProcess, fast_env
+from tests.helpers.server import API_KEY, ServerProcess, fast_env, wait_job
 from tests.owndata.conftest import INIT_FAST, regression_table, skqk, write_csv
 
 ADMIN = {"X-API-Key": API_KEY}
-
-
-def _wait_job(c: httpx.Client, job_id: str, timeout: float = 180.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/retrain/{job_id}").json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 def test_regression_init_ingest_retrain_promote(data_dir: Path, tmp_path: Path) -> None:
@@ -48,7 +36,7 @@ def test_regression_init_ingest_retrain_promote(data_dir: Path, tmp_path: Path) 
 
         r = c.post("/retrain", json={"mode": "qk"}, headers=ADMIN)
         assert r.status_code == 202, r.text
-        job = _wait_job(c, r.json()["job_id"])
+        job = wait_job(c, r.json()["job_id"])
         assert job["status"] == "succeeded", job
         result = job["result"]
         assert result["task"] == "regression"
