@@ -122,3 +122,49 @@ def test_unsupported_op_refused_nothing_stored(tmp_path: Path, fmt: str) -> None
     message = " ".join(run.stdout.split()).lower()
     assert "gelu" in message or "erf" in message, message
     assert sample_count(data_dir) == 0
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet"])
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_every_net_and_format_served_exactly_exported_and_retrained(tmp_path: Path, name: str,
+                                                                   fmt: str) -> None:
+    """Each test net × format over HTTP: /predict ≤ 1e-4 of the source, the exported ONNX of the
+    served version equal to /predict, then ingest → QK retrain → promoted → served."""
+    from app.importers.onnx_import import run_onnx
+    from app.importers.torch_export_import import run_pt2
+    from tests.importers.nets import trained
+
+    net, shape = trained(name)
+    gen = np.random.default_rng(5)
+    x = gen.standard_normal((400, *shape)).astype(np.float32)
+    with torch.no_grad():  # the source model's own answers: a consistent labelling to retrain on
+        y = net(torch.from_numpy(x)).argmax(1).numpy()
+    path = tmp_path / f"{name}.{fmt}"
+    if fmt == "onnx":
+        torch.onnx.export(net, (torch.from_numpy(x[:2]),), path, dynamo=False, input_names=["input"],
+                          dynamic_axes={"input": {0: "batch"}})
+    else:
+        torch.export.save(torch.export.export(net, (torch.from_numpy(x[:2]),),
+                                              dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    np.savez(tmp_path / "data.npz", x=x[:300], y=y[:300])
+    data_dir = tmp_path / "data"
+    run = skqk(data_dir, "import", str(path), "--data", str(tmp_path / "data.npz"), "--label-column", "y")
+    assert run.returncode == 0, run.stdout + run.stderr
+    probe = x[300:305].reshape(5, -1)
+    source = run_onnx(path, probe) if fmt == "onnx" else run_pt2(path, probe)
+    with ServerProcess(data_dir, fast_env(data_dir)) as server, server.client() as c:
+        served = np.asarray(c.post("/predict", json={"inputs": probe.tolist()}).json()["outputs"],
+                            dtype=np.float32)
+        assert close(served, source)
+        back = tmp_path / "back.onnx"
+        assert skqk(data_dir, "export", "1", "-o", str(back)).returncode == 0
+        assert close(run_onnx(back, probe), served)
+        samples = [{"features": row.reshape(-1).tolist(), "label": int(label)}
+                   for row, label in zip(x[300:], y[300:], strict=True)]
+        assert c.post("/ingest", json={"samples": samples}).status_code == 200
+        job = wait_job(c, c.post("/retrain", json={"mode": "qk"}, headers=ADMIN).json()["job_id"])
+        assert job["status"] == "succeeded" and job["result"]["promoted"] is True, job
+        deadline = time.monotonic() + 10
+        while c.post("/predict", json={"inputs": probe.tolist()}).json()["model_version"] != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
