@@ -103,6 +103,8 @@ async def list_models(request: Request) -> Response:
 @router.post("/models/{version}/activate", dependencies=[Depends(require_api_key)])
 async def activate(version: int, request: Request) -> Response:
     st = get_state(request)
+    if not 1 <= version <= 2**31 - 1:  # beyond the store's integer column: cannot exist
+        raise ApiError(404, f"version: model version {version} does not exist")
     body = await request.body()
     reason = (parse_body(ActivateRequest, body).reason if body.strip() else None) or "manual activation"
     actor = f"api:{request.client.host if request.client else 'unknown'}"

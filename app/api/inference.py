@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
@@ -72,6 +73,15 @@ def predict_body(schema: FeatureSchema, result: InferenceResult) -> dict[str, An
             "outputs": out}
 
 
+def check_finite_outputs(outputs: np.ndarray, where: Callable[[int], str]) -> None:
+    """Finite inputs can still drive a net to inf/NaN (e.g. 3e38 everywhere); never a success."""
+    bad = ~np.isfinite(outputs)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise ApiError(422, f"{where(row)}: the model's output is not finite for this row (its values are "
+                            "far outside what the model handles)")
+
+
 async def predict_payload(st: AppState, body: bytes) -> dict[str, Any]:
     """POST /predict: the whole request → answer step (raises ApiError for client errors)."""
     loaded = st.require_model()
@@ -81,7 +91,9 @@ async def predict_payload(st: AppState, body: bytes) -> dict[str, Any]:
         x = parse_rows(req.inputs, loaded.schema, _input_row, "inputs")
     st.check_ranges(loaded.schema, x, "predict", _input_row, refuse=False)
     # pinned to the version the rows were checked against (its feature order, its classes)
-    return predict_body(loaded.schema, await st.infer(x, loaded))
+    result = await st.infer(x, loaded)
+    check_finite_outputs(result.outputs, _input_row)
+    return predict_body(loaded.schema, result)
 
 
 @router.post("/predict")
@@ -113,12 +125,15 @@ def _check_name(st: AppState, name: str) -> None:
         raise ApiError(404, f"unknown model {name!r}; this server serves {st.settings.model_name!r}")
 
 
+MAX_VERSION = 2**31 - 1
+
+
 def _parse_version(version: str) -> int:
     try:
         v = int(version)
     except ValueError:
         raise ApiError(404, f"model version {version!r} not found (versions are integers)") from None
-    if v < 1:
+    if not 1 <= v <= MAX_VERSION:  # beyond the store's integer column: cannot exist
         raise ApiError(404, f"model version {v} not found")
     return v
 
@@ -225,7 +240,10 @@ def _whole_input(tensor: V2Tensor, loaded: LoadedModel) -> np.ndarray:
                             f"the model takes {dim} (shape [N, {dim}]{alt}, or one tensor per feature)")
     if rows == 0:
         raise ApiError(422, "inputs[0].shape: needs at least one row")
-    x = np.asarray(_flat_data(tensor, 0, math.prod(shape)), dtype=np.float64)
+    try:
+        x = np.asarray(_flat_data(tensor, 0, math.prod(shape)), dtype=np.float64)
+    except OverflowError:  # an integer beyond float64 (e.g. 400 digits): a client error
+        raise ApiError(422, "inputs[0].data: a value is out of float32 range") from None
     bad = ~np.isfinite(x)
     if bad.any():
         raise ApiError(422, f"inputs[0].data[{int(np.argmax(bad))}]: value is not a finite number")
@@ -305,6 +323,7 @@ async def v2_infer_payload(st: AppState, body: bytes, name: str, version: str | 
     x = _v2_input(req, loaded)
     st.check_ranges(loaded.schema, x, "v2", _v2_row, refuse=False)
     result = await st.infer(x, loaded)  # pinned: the schema that parsed the rows formats the answer
+    check_finite_outputs(result.outputs, lambda r: f"inputs (row {r})")
     tensors = _v2_outputs(loaded.schema, result)
     return {"model_name": name, "model_version": str(result.version),
             "id": req.id if req.id is not None else uuid.uuid4().hex,

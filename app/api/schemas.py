@@ -24,7 +24,9 @@ class Sample(BaseModel):
 
 class IngestRequest(BaseModel):
     samples: list[Sample]
-    idempotency_key: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    # printable only: Postgres refuses NUL in text, so the same key must not pass on SQLite either
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=200,
+                                          pattern=r"^[^\x00-\x1f\x7f]+$")] | None = None
 
 
 class RetrainRequest(BaseModel):
