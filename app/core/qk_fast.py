@@ -282,6 +282,16 @@ def train_qk_fast(model: DecoupledModel, train_x: torch.Tensor, train_y: torch.T
         phi = readout_features(model, train_x, cfg.chunk) if cfg.readout_iters > 0 else None
         phi_val = readout_features(model, val_x, cfg.chunk)
     result.structure_s = time.perf_counter() - started
+    # Rows whose features overflowed (outlier inputs far beyond the training data) cannot
+    # inform a convex refit; leave them out of it rather than let inf/NaN poison the solver.
+    if phi is not None:
+        finite = torch.isfinite(phi).all(dim=1)
+        if not bool(finite.all()):
+            phi, train_y = phi[finite], train_y[finite]
+    finite_val = torch.isfinite(phi_val).all(dim=1)
+    if not bool(finite_val.all()):
+        phi_val, val_y = phi_val[finite_val], val_y[finite_val]
+
     with torch.no_grad():
         best_loss, best_acc = _loss_acc(readout(phi_val), val_y, task)
     result.start_val_loss = best_loss
@@ -289,7 +299,7 @@ def train_qk_fast(model: DecoupledModel, train_x: torch.Tensor, train_y: torch.T
     best_epoch = 0
 
     # Stage 1: convex readout refit, warm-started; kept only if the holdout agrees.
-    if cfg.readout_iters > 0 and phi is not None:
+    if cfg.readout_iters > 0 and phi is not None and len(phi) > 0:
         if check_cancel is not None:
             check_cancel(1)
         t0 = time.perf_counter()

@@ -106,6 +106,24 @@ def logistic_objective(phi: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
     return float(F.cross_entropy(logits, y) + 0.5 * l2 * (weight * weight).sum())
 
 
+def _bound_cholesky(a: torch.Tensor, penalty: torch.Tensor, n: int) -> torch.Tensor:
+    """Cholesky factor of ½·AᵀA/N + diag(penalty), formed in float64.
+
+    Outlier rows (features of 1e3…1e38) make the float32 Gram matrix lose positive
+    definiteness to rounding; float64 plus a jitter that grows until the factorisation
+    succeeds keeps the solver going whatever finite rows the store holds.
+    """
+    a64 = a.to(torch.float64)
+    bound = 0.5 * (a64.T @ a64) / n + torch.diag(penalty.to(torch.float64))
+    scale = float(bound.diagonal().abs().max().clamp_min(1.0))
+    eye = torch.eye(bound.shape[0], dtype=torch.float64, device=bound.device)
+    for jitter in (1e-8, 1e-6, 1e-4, 1e-2, 1.0):
+        chol, info = torch.linalg.cholesky_ex(bound + jitter * scale * eye)
+        if int(info) == 0:
+            return chol
+    raise ValueError("readout features are not finite; cannot refit the readout")
+
+
 def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-4,
                  weight0: torch.Tensor | None = None, bias0: torch.Tensor | None = None,
                  max_iter: int = 100, tol: float = 1e-5, history: int = 10,
@@ -136,8 +154,7 @@ def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
     onehot = F.one_hot(y, k).to(dtype)
 
     # Böhning-type bound in feature space: H ≤ I_K ⊗ (½·AᵀA/N + l2·M); factor it once.
-    bound = 0.5 * (a.T @ a) / n + torch.diag(l2 * mask + 1e-8)
-    chol = torch.linalg.cholesky(bound)
+    chol = _bound_cholesky(a, l2 * mask, n).to(dtype)
 
     def precondition(g: torch.Tensor) -> torch.Tensor:  # g: [K, d+1] → B⁻¹ g (per class row)
         return torch.cholesky_solve(g.T, chol).T

@@ -108,3 +108,21 @@ def test_too_little_data_fails_the_job_cleanly(store: Store, settings: Settings)
         run_retrain_job(store, settings, job_id, "qk")  # empty store: no active version
     job = store.get_job(job_id)
     assert job.status == "failed" and "no active model version" in job.error
+
+
+@pytest.mark.parametrize(("value", "rows"), [(1000.0, 1), (1e20, 1), (3e38, 20)])
+def test_outlier_rows_never_crash_or_poison_a_retrain(sqlite_store: Store, settings: Settings, value: float,
+                                                      rows: int) -> None:
+    """Issue 10, item 1: finite but absurd rows (the data lies in [0, 1]) must not crash the QK
+    solver, and a candidate whose holdout metrics are not finite is never promoted."""
+    sqlite_store.ingest(np.full((rows, 64), value, dtype=np.float32), np.arange(rows) % 10, "outliers")
+    for mode in ("qk", "full"):
+        active = sqlite_store.active_version()
+        job = f"outlier-{mode}"
+        sqlite_store.create_job(job, mode, "test")
+        result = run_retrain_job(sqlite_store, settings, job, mode)  # no exception: the job finishes
+        cand = result["candidate"]
+        finite = all(np.isfinite(v) for v in cand.values() if v is not None) and None not in cand.values()
+        if not finite:
+            assert result["promoted"] is False and sqlite_store.active_version() == active
+        assert sqlite_store.get_job(job).status == "succeeded"
