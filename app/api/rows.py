@@ -169,31 +169,3 @@ def parse_targets(labels: Sequence[Any], schema: FeatureSchema, where: Where) ->
 
 
 # ---- value ranges ---------------------------------------------------------------------------
-_BOUNDS: dict[int, tuple[FeatureSchema, np.ndarray, np.ndarray]] = {}
-
-
-def _bounds(schema: FeatureSchema) -> tuple[np.ndarray, np.ndarray]:
-    """The schema's ranges as arrays, built once per schema object (it is immutable)."""
-    hit = _BOUNDS.get(id(schema))
-    if hit is not None and hit[0] is schema:
-        return hit[1], hit[2]
-    if len(_BOUNDS) > 16:  # a handful of versions are loaded at a time
-        _BOUNDS.clear()
-    lo = np.asarray(schema.range_min, dtype=np.float64)
-    hi = np.asarray(schema.range_max, dtype=np.float64)
-    _BOUNDS[id(schema)] = (schema, lo, hi)  # holding the schema keeps its id from being reused
-    return lo, hi
-
-
-def out_of_range_rows(schema: FeatureSchema, x: np.ndarray) -> tuple[int, tuple[int, int] | None]:
-    """How many rows have a value outside the schema's ranges, and (row, col) of the first."""
-    if not schema.has_ranges:
-        return 0, None
-    lo, hi = _bounds(schema)
-    bad = (x < lo) | (x > hi)
-    rows = bad.any(axis=1)
-    count = int(rows.sum())
-    if count == 0:
-        return 0, None
-    r = int(np.argmax(rows))
-    return count, (r, int(np.argmax(bad[r])))

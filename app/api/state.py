@@ -10,7 +10,7 @@ from fastapi import Request
 from sqlalchemy.exc import DBAPIError
 
 from app.api.errors import ApiError
-from app.api.rows import Where, out_of_range_rows
+from app.api.rows import Where
 from app.core.features import FeatureSchema
 from app.serving.batcher import Batcher, InferenceResult, NotReady, QueueFull, ShapeMismatch
 from app.serving.holder import LoadedModel, ModelHolder
@@ -58,7 +58,7 @@ class AppState:
         mode = self.settings.input_range
         if mode == "off" or not schema.has_ranges:
             return
-        count, first = out_of_range_rows(schema, x)
+        count, first = schema.out_of_range_rows(x)
         if first is None:
             return
         self.metrics.input_out_of_range.labels(endpoint).inc(count)

@@ -41,6 +41,7 @@ class FeatureSchema:
     source: str | None = None
     _index: dict[str, int] = field(init=False, compare=False, repr=False)
     _class_index: dict[str, int] = field(init=False, compare=False, repr=False)
+    _bounds: tuple[np.ndarray, np.ndarray] | None = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -58,6 +59,9 @@ class FeatureSchema:
         # lookups built once (frozen dataclass: set through object.__setattr__)
         object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.feature_names)})
         object.__setattr__(self, "_class_index", {name: i for i, name in enumerate(self.class_names or ())})
+        bounds = ((np.asarray(self.range_min, dtype=np.float64), np.asarray(self.range_max, dtype=np.float64))
+                  if self.has_ranges else None)
+        object.__setattr__(self, "_bounds", bounds)
 
     # ---- facts -------------------------------------------------------------------------
     @property
@@ -134,20 +138,25 @@ class FeatureSchema:
             raise SchemaError(f"{where}: missing feature {missing[0]!r}{more}")
         return [obj[n] for n in self.feature_names]
 
-    def out_of_range(self, x: np.ndarray) -> tuple[int, int] | None:
-        """(row, feature index) of the first value outside the ranges, or None."""
+    def out_of_range_rows(self, x: np.ndarray) -> tuple[int, tuple[int, int] | None]:
+        """How many rows have a value outside the ranges, and (row, feature index) of the first."""
         if not self.has_ranges:
-            return None
+            return 0, None
         # bounds in the rows' own precision: rounding is monotonic, so a value inside the range
         # stays inside after float32 rounding
         dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
-        lo = np.asarray(self.range_min, dtype=np.float64).astype(dtype)
-        hi = np.asarray(self.range_max, dtype=np.float64).astype(dtype)
+        lo, hi = self._bounds[0].astype(dtype), self._bounds[1].astype(dtype)
         bad = (x < lo) | (x > hi)
-        if not bad.any():
-            return None
-        row, col = np.argwhere(bad)[0]
-        return int(row), int(col)
+        rows = bad.any(axis=1)
+        count = int(rows.sum())
+        if count == 0:
+            return 0, None
+        r = int(np.argmax(rows))
+        return count, (r, int(np.argmax(bad[r])))
+
+    def out_of_range(self, x: np.ndarray) -> tuple[int, int] | None:
+        """(row, feature index) of the first value outside the ranges, or None."""
+        return self.out_of_range_rows(x)[1]
 
     def range_message(self, x: np.ndarray, row: int, col: int) -> str:
         assert self.range_min is not None and self.range_max is not None

@@ -237,5 +237,15 @@ class DecoupledModel(nn.Module):
         """Paper step 2: copy a trained net into a frozen selector and an initial estimator."""
         return cls(PathSelector(net), Estimator(copy.deepcopy(net)))
 
+    def shares_hidden_layers(self) -> bool:
+        """Whether every layer below the readout holds bit-identical weights in both nets.
+
+        True right after step 2, an import or a full retrain, and after every readout-only QK
+        retrain: then the gated estimator and the plain selector agree up to the readout.
+        """
+        sel, est = self.selector.net, self.estimator.net
+        return all(torch.equal(a, b) for i in range(len(sel.blocks) - 1)
+                   for a, b in zip(sel.blocks[i].parameters(), est.blocks[i].parameters(), strict=True))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.estimator(x, self.selector.structure(x))

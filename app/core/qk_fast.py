@@ -175,15 +175,6 @@ def cache_split(model: DecoupledModel, x: torch.Tensor, y: torch.Tensor, start: 
     return CachedSplit(torch.cat(inputs), gates, pools, layout, y)
 
 
-def _same_weights(a: ReLUNet, b: ReLUNet, stop: int) -> bool:
-    """Whether layers [0, stop) of two nets of one spec hold bit-identical parameters."""
-    for li in range(stop):
-        pa, pb = list(a.blocks[li].parameters()), list(b.blocks[li].parameters())
-        if any(not torch.equal(x, y) for x, y in zip(pa, pb, strict=True)):
-            return False
-    return True
-
-
 def _plain_forward(net: ReLUNet, h: torch.Tensor, stop: int) -> torch.Tensor:
     """The ordinary ReLU forward of layers [0, stop) (input already reshaped)."""
     return net.plain_layers(h, stop)
@@ -199,7 +190,7 @@ def readout_features(model: DecoupledModel, x: torch.Tensor, chunk: int = 4096) 
     """
     net, sel = model.estimator.net, model.selector.net
     last = len(net.spec.layers) - 1
-    shared = _same_weights(net, sel, last)
+    shared = model.shares_hidden_layers()
     parts = []
     for i in range(0, x.shape[0], chunk):
         h = net.prepare_input(x[i:i + chunk])

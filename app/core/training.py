@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from app.core.data import Split
 from app.core.device import pick_device
@@ -79,17 +78,10 @@ class TrainResult:
                 "readout_s": self.readout_s}
 
 
-@torch.no_grad()
 def evaluate(forward: ForwardFn, data: Split, batch_size: int = 4096) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``forward`` on ``data``."""
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(data)), device=data.x.device)
-        logits = forward(data.x[rows], rows)
-        total_loss += float(F.cross_entropy(logits, data.y[rows], reduction="sum"))
-        correct += int((logits.argmax(1) == data.y[rows]).sum())
-    n = max(len(data), 1)
-    return total_loss / n, correct / n
+    """(mean cross-entropy, accuracy) of ``forward`` on ``data`` (classification)."""
+    m = evaluate_task(forward, data.x, data.y, "classification", batch_size=batch_size)
+    return m["loss"], m["acc"]
 
 
 ValEval = Callable[[], dict[str, float]]

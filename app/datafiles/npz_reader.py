@@ -105,6 +105,12 @@ def npz_shape(path: Path) -> tuple[int, int, int]:
         return x.rows, x.width, y.width
 
 
+def npz_sample_shape(path: Path) -> tuple[int, ...]:
+    """Per-sample shape of ``x`` (e.g. (1, 28, 28)), from its header alone."""
+    with _opened(path) as (x, _y):
+        return tuple(int(v) for v in x.shape[1:])
+
+
 def _check(x: _NpyStream, y: _NpyStream) -> None:
     if x.rows != y.rows:
         raise DataFileError(f"x has {x.rows} rows but y has {y.rows}; they must match")

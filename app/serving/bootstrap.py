@@ -11,7 +11,6 @@ ranges are learnt from the training rows and stored with the version.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from app.core.network import DecoupledModel, ReLUNet
 from app.core.spec import ArchSpec, resolve_arch
 from app.core.tasks import evaluate_task, holdout_metrics
 from app.core.training import EpochCallback, TrainConfig, train_full
+from app.serving.file_ingest import chunk_key
 from app.serving.models import register_model
 from app.serving.splits import split_masks
 from app.serving.training_table import TrainingTable, table_from_dataset, table_from_file
@@ -114,8 +114,7 @@ def store_table(store: Store, table: TrainingTable, chunk_rows: int = INIT_CHUNK
     batch_ids = []
     for start in range(0, table.x.shape[0], chunk_rows):
         x, y = table.x[start:start + chunk_rows], table.y[start:start + chunk_rows]
-        digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:16]
-        key = f"bootstrap:{table.source[:120]}:rows{start + 1}-{start + len(x)}:{digest}"
+        key = chunk_key(f"bootstrap:{table.source}", start + 1, x, y)
         if table.task == "regression":
             res = store.ingest(x, idempotency_key=key, targets=y)
         else:

@@ -66,7 +66,7 @@ def ingest_file(store: Store, schema: FeatureSchema, path: Path, label_columns: 
             y = _encode_labels(schema, chunk.labels, chunk.first_row, label_name)
             _check_chunk(schema, chunk.x, chunk.first_row, check_ranges)
             n = chunk.x.shape[0]
-            key = chunk_key(path, chunk.first_row, chunk.x, y)
+            key = chunk_key(f"file:{path.name}", chunk.first_row, chunk.x, y)
             if schema.is_regression:
                 result = store.ingest(chunk.x, idempotency_key=key, targets=y)
             else:
@@ -87,11 +87,11 @@ def ingest_file(store: Store, schema: FeatureSchema, path: Path, label_columns: 
     return progress
 
 
-def chunk_key(path: Path, first_row: int, x: np.ndarray, y: np.ndarray) -> str:
-    """Idempotency key of one chunk: readable (file, rows) plus a digest of its content, so a
+def chunk_key(source: str, first_row: int, x: np.ndarray, y: np.ndarray) -> str:
+    """Idempotency key of one chunk: readable (source, rows) plus a digest of its content, so a
     re-run skips it and a different file of the same name (tomorrow's drop) is new data."""
     digest = hashlib.sha256(np.ascontiguousarray(x).tobytes() + np.ascontiguousarray(y).tobytes())
-    return f"file:{path.name[:80]}:rows{first_row}-{first_row + x.shape[0] - 1}:{digest.hexdigest()[:32]}"
+    return f"{source[:120]}:rows{first_row}-{first_row + x.shape[0] - 1}:{digest.hexdigest()[:32]}"
 
 
 def _schema_labels(schema: FeatureSchema) -> list[str] | None:

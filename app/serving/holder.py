@@ -97,13 +97,6 @@ class SharedTrunkForward(torch.nn.Module):
         return self.estimator.finish_output(self.readout(h))
 
 
-def shares_trunk(model: DecoupledModel) -> bool:
-    """Whether every layer below the readout holds bit-identical weights in both nets."""
-    sel, est = model.selector.net, model.estimator.net
-    return all(torch.equal(a, b) for i in range(len(sel.blocks) - 1)
-               for a, b in zip(sel.blocks[i].parameters(), est.blocks[i].parameters(), strict=True))
-
-
 def compile_for_inference(model: DecoupledModel, device: torch.device,
                           check_sizes: tuple[int, ...] = (1, 3, 17)) -> torch.nn.Module:
     """The module ``LoadedModel.infer`` calls: a lean MLP forward when the spec allows it, else
@@ -114,7 +107,7 @@ def compile_for_inference(model: DecoupledModel, device: torch.device,
     """
     if is_mlp(model.spec):
         candidate: type[torch.nn.Module] | None = MLPForward
-    elif shares_trunk(model):
+    elif model.shares_hidden_layers():
         candidate = SharedTrunkForward
     else:
         return model

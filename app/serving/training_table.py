@@ -76,15 +76,9 @@ def _input_shape(path: Path, fmt: str, width: int) -> tuple[int, ...]:
     """NPZ keeps its per-sample shape (e.g. [1, 28, 28]); tables are flat rows."""
     if fmt != "npz":
         return (width,)
-    import zipfile
+    from app.datafiles.npz_reader import npz_sample_shape
 
-    from numpy.lib import format as npy
-
-    with zipfile.ZipFile(path) as zf, zf.open("x.npy") as f:
-        version = npy.read_magic(f)  # header only, not the data
-        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-        shape = read_header(f)[0]
-    per_sample = tuple(int(v) for v in shape[1:])
+    per_sample = npz_sample_shape(path)
     return per_sample if per_sample and math.prod(per_sample) == width else (width,)
 
 
