@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app.experiments.cli import experiment_app
+from app.samples_cli import samples_app
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 cli = typer.Typer(help="skqk-serve: serve ReLU nets as selector+estimator; cheap QK retrains.",
                   no_args_is_help=True, add_completion=False)
 cli.add_typer(experiment_app, name="experiment")
+cli.add_typer(samples_app, name="samples")
 console = Console()
 
 
@@ -290,6 +292,7 @@ def serve(host: str | None = typer.Option(None, help="bind address (SKQK_HOST, d
 
     import uvicorn
 
+    from app.api.http_protocol import protocol_path
     from app.serving.bootstrap import ensure_bootstrapped
     from app.settings import get_settings, resolve_api_key
 
@@ -308,7 +311,8 @@ def serve(host: str | None = typer.Option(None, help="bind address (SKQK_HOST, d
     store.dispose()
     uvicorn.run("app.api.main:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level.lower(),
-                access_log=settings.access_log, timeout_graceful_shutdown=5)
+                access_log=settings.access_log, timeout_graceful_shutdown=5,
+                http=protocol_path())  # uvicorn's protocol + SKQK_HEADER_TIMEOUT_S
 
 
 @cli.command()

@@ -22,10 +22,7 @@ RETRAIN_TASK = "workers.tasks.retrain"
 GPU_QUEUE = "gpu"
 LOCK_NAME = "skqk:retrain:lock"
 ACTIVATED_CHANNEL = "skqk:model-activated"
-
-
-def cancel_key(job_id: str) -> str:
-    return f"skqk:retrain:cancel:{job_id}"
+WORKER_LOST_PREFIX = "worker lost"  # how a job judged dead by an API replica's supervisor is failed
 
 
 @cache
@@ -34,16 +31,25 @@ def redis_client(url: str) -> redis.Redis:
                                 health_check_interval=15, decode_responses=True)
 
 
+# Compare-and-delete / compare-and-set on the lock's token, atomically in Redis.
+_RELEASE_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_REPLACE_IF = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+               "return redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) and 1 end return 0")
+
+
 class RetrainLock:
     """Deployment-wide single flight: a redis-py Lock whose token is the running job's id.
 
     The API takes it when it enqueues a job (so a second POST /retrain sees the holder), the
     worker adopts it by token, extends it while training and releases it at the end. A dead
-    worker stops extending, so the lock expires after ``timeout_s`` at worst.
+    worker stops extending, so the lock expires after ``timeout_s`` at worst. Redis may also
+    lose it (a restart without persistence): the SQL job row stays the source of truth, and
+    the owner of a live job simply takes it again (:meth:`reacquire`).
     """
 
     def __init__(self, client: redis.Redis, timeout_s: float) -> None:
         self.client = client
+        self.timeout_s = timeout_s
         self.lock = client.lock(LOCK_NAME, timeout=timeout_s, blocking=False, thread_local=False)
 
     def acquire(self, job_id: str) -> bool:
@@ -56,6 +62,11 @@ class RetrainLock:
         """Take over a lock acquired by the API for ``job_id``; False if someone else holds it."""
         self.lock.local.token = job_id.encode()
         return self.lock.owned()
+
+    def reacquire(self) -> bool:
+        """Take the lock again with our token if nobody holds it (Redis lost it)."""
+        token = self.lock.local.token
+        return token is not None and self.acquire(token.decode())
 
     def owned(self) -> bool:
         """Still ours? (Used as the fence right before promotion.)"""
@@ -73,26 +84,72 @@ class RetrainLock:
         except LockError:  # expired or taken over: nothing of ours to release
             log.warning("retrain lock was no longer ours at release")
 
+    def release_for(self, job_id: str) -> bool:
+        """Release the lock only if ``job_id`` holds it (a cancelled or dead job's lock)."""
+        return bool(self.client.eval(_RELEASE_IF, 1, LOCK_NAME, job_id))
+
+    def replace(self, old_job_id: str, job_id: str, ttl_s: float) -> bool:
+        """Hand the lock from ``old_job_id`` (known to be finished) to ``job_id``."""
+        return bool(self.client.eval(_REPLACE_IF, 1, LOCK_NAME, old_job_id, job_id, int(ttl_s * 1000)))
+
 
 class LockHeartbeat:
-    """Keeps extending a lock from a background thread; records when ownership is lost."""
+    """Keeps extending a lock from a background thread; takes it again when Redis lost it.
 
-    def __init__(self, lock: RetrainLock, ttl_s: float) -> None:
-        self.lock, self.ttl_s = lock, ttl_s
+    ``alive`` (optional) is called on every beat as well: a worker passes its SQL job-row
+    heartbeat, which answers False once the row no longer says ``running`` (the job was
+    judged lost): then ``lost`` is set. With such a check the SQL row is the authority and a
+    lock held by someone else is retried on the next beat (a new POST /retrain that sees this
+    job's fresh heartbeat backs off); without one, that sets ``lost`` at once.
+    """
+
+    def __init__(self, lock: RetrainLock, ttl_s: float, alive: Callable[[], bool] | None = None) -> None:
+        self.lock, self.ttl_s, self.alive = lock, ttl_s, alive
         self.lost = threading.Event()
+        self.reason = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="retrain-lock-heartbeat", daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
-            try:
-                self.lock.extend_to(self.ttl_s)
-            except LockNotOwnedError:
-                log.error("retrain lock lost: another job owns it now; stopping this one")
-                self.lost.set()
+        while not self._stop.wait(self.ttl_s / 3) and not self.lost.is_set():
+            if self.alive is not None:
+                self._check_alive()
+            self._extend()
+
+    def _check_alive(self) -> None:
+        try:
+            if not self.alive():  # type: ignore[misc]
+                self._lose("the job row is no longer running (it was judged lost or finished)")
+        except Exception as exc:  # the store is down: the lease gives us time to retry
+            log.warning("could not write the job heartbeat: %s", exc)
+
+    def _extend(self) -> None:
+        try:
+            self.lock.extend_to(self.ttl_s)
+        except LockNotOwnedError:
+            self._retake()
+        except redis.RedisError as exc:  # transient: the TTL gives us time to retry
+            log.warning("could not extend retrain lock: %s", exc)
+
+    def _retake(self) -> None:
+        try:
+            if self.lock.reacquire():
+                log.warning("the retrain lock had vanished (Redis restarted?); took it again")
                 return
-            except redis.RedisError as exc:  # transient: the TTL gives us time to retry
-                log.warning("could not extend retrain lock: %s", exc)
+            holder = self.lock.holder()
+        except redis.RedisError as exc:
+            log.warning("could not take the retrain lock again: %s", exc)
+            return
+        if self.alive is None:
+            self._lose(f"another job owns the retrain lock now ({holder})")
+        else:
+            log.warning("the retrain lock is held by %s; this job's row still says running, "
+                        "retrying", holder)
+
+    def _lose(self, reason: str) -> None:
+        self.reason = reason
+        log.warning("retrain lock lost: %s; stopping this job", reason)
+        self.lost.set()
 
     def __enter__(self) -> LockHeartbeat:
         self._thread.start()

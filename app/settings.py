@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger("skqk.settings")
@@ -22,15 +22,50 @@ log = logging.getLogger("skqk.settings")
 API_KEY_FILE = "api_key"
 
 
+def _read_secret(path: Path, variable: str) -> str:
+    """A value kept in a file (Docker/Kubernetes secrets), stripped; a clear error if unusable."""
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:  # missing, a directory (compose made one for a missing secret), no access
+        raise ValueError(f"{variable}={path}: cannot read it ({exc.strerror})") from None
+    if not value:
+        raise ValueError(f"{variable}={path} is empty")
+    return value
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SKQK_", extra="ignore")
+    # hide_input_in_errors: a bad setting must not print the others (the API key among them)
+    model_config = SettingsConfigDict(env_prefix="SKQK_", extra="ignore", hide_input_in_errors=True)
 
     # ---- where things live --------------------------------------------------------------
     data_dir: Path = Field(Path("./skqk-data"), description="SQLite file, API key file, caches")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///{data_dir}/skqk.db")
+    database_url_secret: Path | None = Field(
+        None, validation_alias="SKQK_DATABASE_URL_FILE",
+        description="file holding the URL (a Docker secret); SKQK_DATABASE_URL wins when both are set")
     redis_url: str | None = Field(None, description="unset: embedded mode (no Redis, in-process retrain)")
     model_name: str = Field("skqk", description="model name in the Open Inference Protocol v2 paths")
     api_key: str | None = Field(None, description="admin key (X-API-Key); unset: generated into data_dir")
+    # scoped keys (app/api/auth.py): the admin key works everywhere; unset, the scope is open
+    ingest_api_key: str | None = Field(None, description="X-API-Key for POST /ingest; unset: /ingest is open")
+    ingest_api_key_file: Path | None = Field(
+        None, description="file holding the ingest key; SKQK_INGEST_API_KEY wins when both are set")
+    predict_api_key: str | None = Field(
+        None, description="X-API-Key for /predict and v2 infer; unset: they are open")
+    predict_api_key_file: Path | None = Field(
+        None, description="file holding the predict key; SKQK_PREDICT_API_KEY wins when both are set")
+
+    @model_validator(mode="after")
+    def _scoped_keys_from_files(self) -> Settings:
+        if not self.ingest_api_key and self.ingest_api_key_file is not None:
+            self.ingest_api_key = _read_secret(self.ingest_api_key_file, "SKQK_INGEST_API_KEY_FILE")
+        if not self.predict_api_key and self.predict_api_key_file is not None:
+            self.predict_api_key = _read_secret(self.predict_api_key_file, "SKQK_PREDICT_API_KEY_FILE")
+        return self
+
+    api_key_secret: Path | None = Field(
+        None, validation_alias="SKQK_API_KEY_FILE",
+        description="file holding the admin key (a Docker secret); SKQK_API_KEY wins when both are set")
 
     # ---- HTTP ---------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -40,6 +75,27 @@ class Settings(BaseSettings):
     access_log: bool = False
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request body limit (413 above)")
     fast_path: bool = Field(True, description="answer /predict and v2 infer below FastAPI's routing")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers must arrive within this (from the connection or "
+                                "the request's first byte); else 408 and the connection is closed")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this "
+                                                          "after its headers (408 and close otherwise)")
+    max_inflight_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="bodies over 64 KiB being read or handled at once, in "
+                                               "bytes; a body beyond it waits, then gets 503")
+    body_budget_wait_s: float = Field(1.0, ge=0, description="how long a body waits for that budget")
+
+    # ---- store (timeouts) -------------------------------------------------------------------
+    db_connect_timeout_s: float = Field(5.0, gt=0, description="opening a connection (Postgres: 2 s "
+                                                               "at least, whole seconds)")
+    db_statement_timeout_s: float = Field(
+        30.0, ge=0, description="Postgres statement_timeout / SQLite busy timeout, every process; 0: none")
+    db_pool_timeout_s: float = Field(5.0, gt=0, description="waiting for a free pooled connection")
+    store_timeout_s: float = Field(
+        5.0, gt=0, description="serving: a store call of a request (or of the active-version poll) "
+                               "that gets no answer within this fails; the request gets 503")
+    store_health_timeout_s: float = Field(
+        2.0, gt=0, description="GET /health/store and /metrics wait this long for the store")
 
     # ---- batching / inference -------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, description="rows merged into one forward pass")
@@ -82,8 +138,23 @@ class Settings(BaseSettings):
     retrain_time_limit_s: int = Field(3600, ge=60, description="Celery hard time limit of one retrain")
     retrain_queue_timeout_s: float = Field(
         600.0, gt=1, description="distributed: a job no worker started within this is dropped")
+    retrain_republish_s: float = Field(
+        30.0, gt=0, description="distributed: a queued job whose message no worker started within "
+                                "this is published again (a worker died holding it)")
+    retrain_test_pause_file: Path | None = Field(
+        None, description="test knob only: while this file exists, a Celery worker's retrain "
+                          "waits after each epoch (tests hold a job mid-training)")
 
     # ---- derived ---------------------------------------------------------------------------
+    @model_validator(mode="after")
+    def _values_from_files(self) -> Settings:
+        # A value given directly wins; the file fills in only what is unset.
+        if not self.database_url and self.database_url_secret is not None:
+            self.database_url = _read_secret(self.database_url_secret, "SKQK_DATABASE_URL_FILE")
+        if not self.api_key and self.api_key_secret is not None:
+            self.api_key = _read_secret(self.api_key_secret, "SKQK_API_KEY_FILE")
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -51,18 +51,22 @@ async def retrain_status(job_id: str, request: Request) -> Response:
 
 @router.post("/retrain/{job_id}/cancel", dependencies=[Depends(require_api_key)])
 async def cancel_retrain(job_id: str, request: Request) -> Response:
-    """Ask a queued/running job to stop (checked between epochs); it ends as ``failed``."""
+    """Cancel a job: a queued one at once (200 ``cancelled``, the next /retrain may start);
+    a running one is asked to stop between epochs (202 ``cancelling``; it ends ``cancelled``)."""
     st = get_state(request)
     try:
-        cancelled = await run_in_threadpool(st.runner.cancel, job_id)
+        outcome = await run_in_threadpool(st.runner.cancel, job_id)
+        job = None if outcome else await run_in_threadpool(st.runner.status, job_id)
     except RetrainQueueUnavailable as exc:
         raise ApiError(503, f"retrain queue unavailable: {exc}", RETRY_AFTER) from None
-    if not cancelled:
-        job = await run_in_threadpool(st.runner.status, job_id)
+    except DBAPIError as exc:
+        raise store_unavailable(exc) from None
+    if outcome is None:
         if job is None:
             raise ApiError(404, f"job_id: no retrain job {job_id!r}")
         raise ApiError(409, f"job {job_id} is already {job.status}", job_id=job_id)
-    return FastJSONResponse({"job_id": job_id, "status": "cancelling"}, status_code=202)
+    return FastJSONResponse({"job_id": job_id, "status": outcome},
+                            status_code=200 if outcome == "cancelled" else 202)
 
 
 def _version_schema(record: VersionRecord) -> dict[str, Any] | None:

@@ -1,6 +1,7 @@
 """/ingest: validate against the served model's schema, commit in one transaction, then answer.
 
-Also ``GET /samples/count`` (read-only, no key): how many samples the store holds.
+``X-API-Key`` with the ingest scope when ``SKQK_INGEST_API_KEY`` is set (else open). Also
+``GET /samples/count`` (read-only, no key): how many samples the store holds.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -16,7 +17,7 @@ from starlette.responses import Response
 from app.api.errors import ApiError, FastJSONResponse, parse_body
 from app.api.rows import parse_labels, parse_rows, parse_targets
 from app.api.schemas import IngestRequest
-from app.api.state import AppState, get_state, store_unavailable
+from app.api.state import AppState, get_state, require_ingest_key, store_unavailable
 from app.core.features import FeatureSchema
 from app.storage import IdempotencyConflict
 
@@ -63,7 +64,7 @@ def _ingest(st: AppState, body: bytes) -> dict[str, object]:
             "duplicate": result.duplicate}
 
 
-@router.post("/ingest")
+@router.post("/ingest", dependencies=[Depends(require_ingest_key)])
 async def ingest(request: Request) -> Response:
     st = get_state(request)
     body = await request.body()

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from app.api.strict_json import duplicate_key_message, may_have_duplicate_keys
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -52,18 +54,45 @@ def describe_errors(errors: list[dict[str, Any]], limit: int = 3) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
+def reject_duplicate_keys(body: bytes, parsed: Any) -> None:
+    """400 naming the first repeated key of an object (parsers keep the last one silently).
+
+    ``parsed`` is ``body`` as a strict parser read it (plain JSON values or a validated
+    model); the exact, slower check runs only when a cheap count cannot rule duplicates out.
+    """
+    if may_have_duplicate_keys(body, parsed):
+        message = duplicate_key_message(body)
+        if message is not None:
+            raise ApiError(400, message)
+
+
+def _reject_duplicates_of_invalid(body: bytes) -> None:
+    """Before a 422: a duplicated key is the clearer problem (and may be its cause)."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:  # e.g. an integer beyond 64 bits: the exact check alone
+        message = duplicate_key_message(body)
+        if message is not None:
+            raise ApiError(400, message) from None
+        return
+    reject_duplicate_keys(body, parsed)
+
+
 def parse_body(model: type[M], body: bytes, what: str = "request body") -> M:
-    """Validate raw JSON bytes; 400 for malformed JSON, 422 naming the field otherwise."""
+    """Validate raw JSON bytes; 400 for malformed JSON or a duplicated key, 422 naming the field."""
     if not body.strip():
         raise ApiError(400, f"{what} is empty; expected a JSON object")
     try:
-        return model.model_validate_json(body)
+        parsed = model.model_validate_json(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         if errors and errors[0].get("type") == "json_invalid":
             raise ApiError(400, f"{what} is not valid JSON: {errors[0].get('msg', '')}") from None
+        _reject_duplicates_of_invalid(body)
         detail = [{"loc": format_loc(e.get("loc", ())), "msg": e.get("msg", "")} for e in errors[:20]]
         raise ApiError(422, describe_errors(errors), detail=detail) from None
+    reject_duplicate_keys(body, parsed)
+    return parsed
 
 
 def error_response(request_path: str, status: int, message: str, headers: dict[str, str] | None = None,

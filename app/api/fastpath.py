@@ -5,7 +5,9 @@ answers the same requests with the very same payload functions
 (``predict_payload`` / ``v2_infer_payload``), minus FastAPI's per-request routing and
 dependency machinery, which on a small CPU box costs more than the model. Errors go
 through the same ``ApiError`` → ``{"error": …}`` rendering, so behaviour is identical
-(the API tests run against it). ``SKQK_FAST_PATH=false`` turns it off.
+(the API tests run against it), the predict-scope key check included (skipped, at the
+cost of one attribute test, when no predict key is set). ``SKQK_FAST_PATH=false`` turns
+it off.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ log = logging.getLogger("skqk.api")
 _V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 Handler = Callable[[Any, bytes], Awaitable[dict[str, Any]]]
+
+
+def _api_key(scope: Scope) -> bytes | None:
+    for name, value in scope["headers"]:  # ASGI header names are lower-case
+        if name == b"x-api-key":
+            return value
+    return None
 
 
 class InferenceFastPath:
@@ -69,6 +78,8 @@ class InferenceFastPath:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         headers: list[tuple[bytes, bytes]] = []
         try:
+            if state.keys.predict is not None:  # only when SKQK_PREDICT_API_KEY is set
+                state.keys.check("predict", _api_key(scope))
             payload = await handler(state, body)
             status = 200
         except ApiError as exc:

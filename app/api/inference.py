@@ -10,14 +10,16 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from app.api.errors import ApiError, FastJSONResponse, parse_body
 from app.api.rows import parse_rows, schema_error, values_to_float32
 from app.api.schemas import PredictRequest, V2InferRequest, V2Tensor
-from app.api.state import AppState, check_float32, get_state
+from app.api.state import AppState, check_float32, get_state, require_predict_key, store_unavailable
+from app.api.strict_json import may_have_duplicate_keys
 from app.core.features import FeatureSchema, SchemaError
 from app.serving.batcher import InferenceResult
 from app.serving.holder import LoadedModel
@@ -37,7 +39,8 @@ def _plain_rows(body: bytes, width: int) -> np.ndarray | None:
     """The common case, parsed cheaply: ``{"inputs": [[number × width], …]}`` → float32 rows.
 
     Anything unusual (bad JSON, NaN/Infinity, strings, booleans, wrong widths, float32
-    overflow …) returns None and goes through the validating parser, which names the field.
+    overflow, a key that may be duplicated …) returns None and goes through the validating
+    parser, which names the field.
     """
     try:
         obj = orjson.loads(body)
@@ -52,6 +55,8 @@ def _plain_rows(body: bytes, width: int) -> np.ndarray | None:
         for v in row:
             if type(v) is not float and type(v) is not int:
                 return None
+    if may_have_duplicate_keys(body, obj):  # one colon in the usual body: two memchr scans
+        return None
     with np.errstate(over="ignore"):  # float32 overflow → inf → the validating path reports it
         x = np.array(rows, dtype=np.float32)
     return x if np.isfinite(x).all() else None
@@ -96,7 +101,7 @@ async def predict_payload(st: AppState, body: bytes) -> dict[str, Any]:
     return predict_body(loaded.schema, result)
 
 
-@router.post("/predict")
+@router.post("/predict", dependencies=[Depends(require_predict_key)])
 async def predict(request: Request) -> Response:
     return FastJSONResponse(await predict_payload(get_state(request), await request.body()))
 
@@ -315,6 +320,8 @@ async def v2_infer_payload(st: AppState, body: bytes, name: str, version: str | 
             loaded = await run_in_threadpool(st.holder.get_version, v)
         except UnknownVersion:
             raise ApiError(404, f"model {name!r} version {v} not found") from None
+        except DBAPIError as exc:  # a version not cached needs the store
+            raise store_unavailable(exc) from None
     names = output_names(loaded.schema)
     wanted = [o.name for o in req.outputs] if req.outputs else list(names)
     for i, out_name in enumerate(wanted):
@@ -330,11 +337,12 @@ async def v2_infer_payload(st: AppState, body: bytes, name: str, version: str | 
             "outputs": [tensors[w] for w in wanted]}
 
 
-@router.post("/v2/models/{name}/infer")
+@router.post("/v2/models/{name}/infer", dependencies=[Depends(require_predict_key)])
 async def v2_infer(name: str, request: Request) -> Response:
     return FastJSONResponse(await v2_infer_payload(get_state(request), await request.body(), name, None))
 
 
-@router.post("/v2/models/{name}/versions/{version}/infer")
+@router.post("/v2/models/{name}/versions/{version}/infer",
+             dependencies=[Depends(require_predict_key)])
 async def v2_infer_version(name: str, version: str, request: Request) -> Response:
     return FastJSONResponse(await v2_infer_payload(get_state(request), await request.body(), name, version))

@@ -21,11 +21,14 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.api import admin, data, inference
+from app.api import admin, data, health, inference
 from app.api.errors import install_error_handlers
 from app.api.fastpath import InferenceFastPath
-from app.api.middleware import ServingMiddleware
-from app.api.state import AppState
+from app.api.health import flight
+from app.api.middleware import BodyLimits, ServingMiddleware
+from app.api.openapi import install_openapi
+from app.api.samples_admin import router as samples_admin_router
+from app.api.state import AppState, install_store_error_handler
 from app.distributed import ActivationSubscriber
 from app.serving.batcher import Batcher
 from app.serving.holder import ModelHolder
@@ -33,6 +36,7 @@ from app.serving.metrics import ServingMetrics
 from app.serving.runner import build_runner
 from app.settings import Settings, get_settings, resolve_api_key
 from app.storage import JobRecord, Store
+from app.storage.guard import call_timeout, set_call_timeout
 
 log = logging.getLogger("skqk.api")
 
@@ -44,6 +48,8 @@ def configure_torch(threads: int) -> None:
 
 
 async def _poll_active_version(holder: ModelHolder, interval: float) -> None:
+    # one refresh at a time, each store call bounded: a hung store never piles up threads
+    set_call_timeout(holder.store.timeouts.call_s)
     while True:
         try:
             await asyncio.to_thread(holder.refresh)
@@ -64,7 +70,9 @@ class SkqkApp:
         inner: Any = api
         if settings.fast_path:
             inner = InferenceFastPath(api, lambda: getattr(api.state, "skqk", None))
-        self._http = ServingMiddleware(inner, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+        self._http = ServingMiddleware(inner, metrics=metrics, limits=BodyLimits.from_settings(settings),
+                                       store_timeout_s=settings.store_timeout_s)
+        install_store_error_handler(api)  # a store failure escaping a route: 503, not 500
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -79,13 +87,18 @@ class SkqkApp:
 def _store_gauges(st: AppState) -> None:
     """Gauges read from the SQL store when /metrics is scraped; a store outage keeps the last values."""
     metrics = st.metrics
-    with contextlib.suppress(Exception):
-        metrics.samples_total.set(st.store.sample_count())
-    # Drift comes from the SQL job table, so every replica reports the same, whoever ran it.
-    with contextlib.suppress(Exception):
-        latest = st.store.list_jobs(("succeeded",), 1)
-        if latest:
-            metrics.set_drift((latest[0].result or {}).get("drift"))
+    with call_timeout(st.settings.store_timeout_s):
+        try:
+            metrics.samples_total.set(st.store.sample_count())
+        except Exception:
+            metrics.store_up.set(0)
+            return
+        metrics.store_up.set(1)
+        # Drift comes from the SQL job table, so every replica reports the same, whoever ran it.
+        with contextlib.suppress(Exception):
+            latest = st.store.list_jobs(("succeeded",), 1)
+            if latest:
+                metrics.set_drift((latest[0].result or {}).get("drift"))
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> SkqkApp:
@@ -115,7 +128,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         poll = asyncio.create_task(_poll_active_version(holder, settings.poll_interval_s))
         subscriber = None
         if settings.redis_url:  # distributed: hear promotions at once; the poll covers lost messages
-            subscriber = ActivationSubscriber(settings.redis_url, lambda _v: holder.refresh(force=True))
+            def on_activated(_version: int) -> None:
+                with call_timeout(st_store.timeouts.call_s):  # a hung store must not hold the holder
+                    holder.refresh(force=True)
+
+            subscriber = ActivationSubscriber(settings.redis_url, on_activated)
             subscriber.start()
         try:
             yield
@@ -136,12 +153,19 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.include_router(inference.router)
     app.include_router(data.router)
     app.include_router(admin.router)
+    app.include_router(health.router)
+    install_openapi(app, settings)  # bodies, real status codes, X-API-Key (app/api/openapi.py)
+    app.include_router(samples_admin_router)  # after data.router: GET /samples/count stays public
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:
         st: AppState = request.app.state.skqk
         metrics.queue_depth.set(st.batcher.queue_depth)
-        await asyncio.to_thread(_store_gauges, st)
+        try:  # one store read at a time; a store slower than the health timeout keeps the last values
+            await flight(request, "skqk_store_gauges").run(lambda: _store_gauges(st),
+                                                           settings.store_health_timeout_s)
+        except TimeoutError:
+            metrics.store_up.set(0)
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return SkqkApp(app, settings, metrics)

@@ -1,22 +1,35 @@
-"""One pure-ASGI middleware in front of everything: metrics, body limit, content type.
+"""One pure-ASGI middleware in front of everything: metrics, body limits, content type.
 
 - request latency histogram per route template + status, in-flight gauge;
 - bodies over ``max_body_bytes`` get 413 before anything is parsed: from Content-Length
   when present, else while buffering a chunked body;
-- a POST with a body must be ``application/json`` (415 otherwise).
+- a POST with a body must be ``application/json`` (415 otherwise);
+- the body is read here and replayed to the app: it must arrive within ``body_timeout_s``
+  (else 408, connection closed), and bodies over 64 KiB first reserve their size from the
+  process's budget of in-flight body bytes (``BodyBudget``): one that does not fit in time
+  gets 503 + Retry-After, one larger than the whole budget 413;
+- store calls made while handling the request are bounded by ``store_timeout_s``
+  (see app.storage.guard), so a hung database turns into a 503, not a hung request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.body_budget import BodyBudget
 from app.api.errors import error_response
 from app.serving.metrics import ServingMetrics
+from app.settings import Settings
+from app.storage.guard import set_call_timeout
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
+SMALL_BODY = 64 * 1024  # not counted: uvicorn buffers this much per connection anyway
+CLOSE = {"Connection": "close"}
 
 
 def _is_json(content_type: str) -> bool:
@@ -24,11 +37,33 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+@dataclass(frozen=True)
+class BodyLimits:
+    max_body_bytes: int
+    body_timeout_s: float = 30.0
+    max_inflight_body_bytes: int = 64 * 1024 * 1024
+    body_budget_wait_s: float = 1.0
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> BodyLimits:
+        return cls(s.max_body_bytes, s.body_timeout_s, s.max_inflight_body_bytes, s.body_budget_wait_s)
+
+
+class Refusal(NamedTuple):
+    status: int
+    message: str
+    headers: dict[str, str] | None = None
+
+
 class ServingMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ServingMetrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics, limits: BodyLimits,
+                 store_timeout_s: float | None = None) -> None:
         self.app = app
         self.metrics = metrics
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.max_body_bytes = limits.max_body_bytes
+        self.budget = BodyBudget(limits.max_inflight_body_bytes, limits.body_budget_wait_s)
+        self.store_timeout_s = store_timeout_s
         self._latency: dict[tuple[str, str, int], Any] = {}  # labelled children, looked up once
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -39,16 +74,18 @@ class ServingMiddleware:
         status = [500]
         metrics = self.metrics
         metrics.in_flight.inc()
+        if self.store_timeout_s is not None:
+            set_call_timeout(self.store_timeout_s)  # this request's task (and its threads) only
+        held = 0
         try:
             if scope["method"] in BODY_METHODS:
-                checked = await self._check_body(scope, receive)
-                if isinstance(checked, tuple):
-                    code, message = checked
-                    status[0] = code
-                    headers = {"Connection": "close"} if code == 413 else None
-                    await error_response(scope["path"], code, message, headers)(scope, receive, send)
+                checked = await self._read_body(scope, receive)
+                if type(checked) is Refusal:
+                    status[0] = checked.status
+                    await error_response(scope["path"], checked.status, checked.message,
+                                         checked.headers)(scope, receive, send)
                     return
-                receive = checked
+                receive, held = checked
 
             async def send_status(message: Message) -> None:
                 if message["type"] == "http.response.start":
@@ -57,6 +94,8 @@ class ServingMiddleware:
 
             await self.app(scope, receive, send_status)
         finally:
+            if held:
+                self._release(held)
             metrics.in_flight.dec()
             label = scope.get("skqk.route") or getattr(scope.get("route"), "path", None) or "unmatched"
             key = (scope["method"], label, status[0])
@@ -65,7 +104,8 @@ class ServingMiddleware:
                 child = self._latency[key] = metrics.request_latency.labels(key[0], label, str(key[2]))
             child.observe(time.perf_counter() - started)
 
-    async def _check_body(self, scope: Scope, receive: Receive) -> Receive | tuple[int, str]:
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[Receive, int] | Refusal:
+        """Check the headers, reserve, read the whole body in time: (replaying receive, bytes held)."""
         content_length: int | None = None
         content_type: str | None = None
         chunked = False
@@ -74,38 +114,110 @@ class ServingMiddleware:
                 try:
                     content_length = int(value)
                 except ValueError:
-                    return 400, "Content-Length header is not an integer"
+                    return Refusal(400, "Content-Length header is not an integer")
             elif name == b"content-type":
                 content_type = value.decode("latin-1")
             elif name == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
-        if content_length is not None and content_length > self.max_body_bytes:
-            return 413, (f"request body of {content_length} bytes exceeds the limit of "
-                         f"{self.max_body_bytes} bytes (SKQK_MAX_BODY_BYTES)")
+        limit = self.max_body_bytes
+        if content_length is not None and content_length > limit:
+            return Refusal(413, f"request body of {content_length} bytes exceeds the limit of {limit} "
+                                "bytes (SKQK_MAX_BODY_BYTES)", CLOSE)
         has_body = (content_length or 0) > 0 or chunked
         if has_body and (content_type is None or not _is_json(content_type)):
             got = repr(content_type) if content_type is not None else "none"
-            return 415, f"Content-Type must be application/json; got {got}"
-        if content_length is not None or not chunked:
-            return receive
-        # chunked: buffer up to the limit, then replay to the app
-        body = bytearray()
+            return Refusal(415, f"Content-Type must be application/json; got {got}")
+        if not has_body:
+            return receive, 0
+        held = [0]  # bytes reserved for this body so far
+        if content_length is not None and content_length > SMALL_BODY:
+            refused = await self._reserve(content_length)
+            if refused is not None:
+                return refused
+            held[0] = content_length
+        try:
+            if _body_complete(receive):  # already in memory: nothing to wait for, no timer to pay
+                return await self._read(receive, held, content_length)
+            async with asyncio.timeout(self.limits.body_timeout_s):
+                return await self._read(receive, held, content_length)
+        except TimeoutError:
+            if held[0]:
+                self._release(held[0])
+            return Refusal(408, f"request body not received within {self.limits.body_timeout_s:g} s "
+                                "(SKQK_BODY_TIMEOUT_S)", CLOSE)
+        except BaseException:  # e.g. cancelled at shutdown: never keep the reservation
+            if held[0]:
+                self._release(held[0])
+            raise
+
+    async def _read(self, receive: Receive, held: list[int], content_length: int | None
+                    ) -> tuple[Receive, int] | Refusal:
+        """The whole body → (a receive replaying it, bytes held); a Refusal gives them back.
+
+        ``held[0]`` always says what is reserved, so a timeout can give back a chunked reservation.
+        """
+        limit = self.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
-            if message["type"] != "http.request":
-                return receive
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                return 413, (f"request body exceeds the limit of {self.max_body_bytes} bytes "
-                             "(SKQK_MAX_BODY_BYTES)")
+            if message["type"] != "http.request":  # the client went away: pass that on
+                return _replay_message(message, receive), held[0]
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                self._release(held[0])
+                return Refusal(413, f"request body exceeds the limit of {limit} bytes "
+                                    "(SKQK_MAX_BODY_BYTES)", CLOSE)
+            if size > SMALL_BODY and not held[0]:  # chunked: reserve the most it may grow to
+                refused = await self._reserve(min(limit, self.budget.capacity))
+                if refused is not None:
+                    return refused
+                held[0] = min(limit, self.budget.capacity)
+            if size > held[0] > 0:  # a chunked body beyond a budget smaller than the limit
+                self._release(held[0])
+                return self._over_budget(size)
+            chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        replayed = [False]
+        if held[0] > size and content_length is None:  # chunked: keep only what it used
+            self._release(held[0] - size)
+            held[0] = size
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return _replay_message({"type": "http.request", "body": body, "more_body": False}, receive), held[0]
 
-        async def replay() -> dict[str, Any]:
-            if not replayed[0]:
-                replayed[0] = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
+    def _over_budget(self, size: int) -> Refusal:
+        return Refusal(413, f"request body of {size} bytes exceeds the in-flight body budget of "
+                            f"{self.budget.capacity} bytes (SKQK_MAX_INFLIGHT_BODY_BYTES)", CLOSE)
 
-        return replay
+    async def _reserve(self, n: int) -> Refusal | None:
+        if n > self.budget.capacity:
+            return self._over_budget(n)
+        if not await self.budget.acquire(n):
+            return Refusal(503, "too many large request bodies in flight (SKQK_MAX_INFLIGHT_BODY_BYTES="
+                                f"{self.budget.capacity}); retry shortly", {"Retry-After": "1", **CLOSE})
+        self.metrics.body_bytes_in_flight.set(self.budget.used)
+        return None
+
+    def _release(self, n: int) -> None:
+        self.budget.release(n)
+        self.metrics.body_bytes_in_flight.set(self.budget.used)
+
+
+def _body_complete(receive: Receive) -> bool:
+    """Whether uvicorn already holds the whole body (its request cycle says so); False if unknown."""
+    return getattr(getattr(receive, "__self__", None), "more_body", True) is False
+
+
+def _replay_message(first: Message, receive: Receive) -> Receive:
+    """A receive that hands out ``first``, then defers to the server's own."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return first
+        return await receive()
+
+    return replay

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import numpy as np
-from fastapi import Request
-from sqlalchemy.exc import DBAPIError
+from fastapi import FastAPI, Request
+from sqlalchemy import exc as sa_exc
+from starlette.responses import Response
 
-from app.api.errors import ApiError
+from app.api.auth import ApiKeys, Scope, resolve_keys
+from app.api.errors import ApiError, error_response
 from app.api.rows import Where
 from app.core.features import FeatureSchema
 from app.serving.batcher import Batcher, InferenceResult, NotReady, QueueFull, ShapeMismatch
@@ -18,6 +21,7 @@ from app.serving.metrics import ServingMetrics
 from app.serving.runner import RetrainRunner
 from app.settings import Settings
 from app.storage import Store
+from app.storage.guard import StoreTimeout
 
 RETRY_AFTER = {"Retry-After": "1"}
 
@@ -31,6 +35,10 @@ class AppState:
     batcher: Batcher
     runner: RetrainRunner
     api_key: str
+    keys: ApiKeys = field(init=False)  # every scope's key, resolved once at start-up
+
+    def __post_init__(self) -> None:
+        self.keys = resolve_keys(self.settings, self.api_key)
 
     def require_model(self) -> LoadedModel:
         loaded = self.holder.current
@@ -72,18 +80,24 @@ def get_state(request: Request) -> AppState:
     return request.app.state.skqk
 
 
-def require_api_key(request: Request) -> None:
-    """Admin endpoints: ``X-API-Key`` compared in constant time; 401 otherwise."""
-    provided = request.headers.get("x-api-key")
-    expected = get_state(request).api_key
-    if provided is None:
-        raise ApiError(401, "missing X-API-Key header (admin endpoint)", {"WWW-Authenticate": "ApiKey"})
-    if not secrets.compare_digest(provided.encode("utf-8", "surrogateescape"), expected.encode()):
-        raise ApiError(401, "invalid X-API-Key", {"WWW-Authenticate": "ApiKey"})
+def require_scope(scope: Scope) -> Callable[[Request], Awaitable[None]]:
+    """A route dependency: ``X-API-Key`` must grant ``scope`` (401 missing/unknown, 403 lacking)."""
+
+    async def dependency(request: Request) -> None:  # async: no thread-pool hop per request
+        provided = request.headers.get("x-api-key")  # latin-1 text: encode back to the raw bytes
+        get_state(request).keys.check(scope, None if provided is None else provided.encode("latin-1"))
+
+    return dependency
 
 
-def store_unavailable(exc: DBAPIError) -> ApiError:
-    return ApiError(503, f"model/data store unavailable: {type(exc.orig).__name__}", RETRY_AFTER)
+require_api_key = require_scope("admin")  # retrain, activate, sample admin
+require_ingest_key = require_scope("ingest")  # open unless SKQK_INGEST_API_KEY is set
+require_predict_key = require_scope("predict")  # open unless SKQK_PREDICT_API_KEY is set
+
+
+def store_unavailable(exc: Exception) -> ApiError:
+    """503 + Retry-After naming the store, with why: a timeout of ours, or the error's class."""
+    return ApiError(503, f"sample store unavailable: {store_failure(exc)}", RETRY_AFTER)
 
 
 def check_float32(x: np.ndarray, field: str) -> np.ndarray:
@@ -94,3 +108,32 @@ def check_float32(x: np.ndarray, field: str) -> np.ndarray:
         where = "".join(f"[{int(i)}]" for i in idx)
         raise ApiError(422, f"{field}{where}: value is out of float32 range")
     return x
+
+
+# ---- store failures (timeouts and lost connections) -----------------------------------------
+def store_failure(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, StoreTimeout):
+        return str(orig)
+    if isinstance(exc, sa_exc.TimeoutError):
+        return "no free store connection in time (SKQK_DB_POOL_TIMEOUT_S)"
+    return type(orig if orig is not None else exc).__name__
+
+
+def store_errors() -> tuple[type[Exception], ...]:
+    """Connection-level store failures that may escape a route: each is a 503, not a 500."""
+    errors: list[type[Exception]] = [sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError]
+    with contextlib.suppress(ImportError):
+        import psycopg
+
+        errors.append(psycopg.OperationalError)  # raw driver calls (the ingest's COPY)
+    return tuple(errors)
+
+
+def install_store_error_handler(app: FastAPI) -> None:
+    async def _store_error(request: Request, exc: Exception) -> Response:
+        error = store_unavailable(exc)
+        return error_response(request.url.path, error.status, error.message, error.headers)
+
+    for cls in store_errors():
+        app.add_exception_handler(cls, _store_error)

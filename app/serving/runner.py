@@ -8,7 +8,10 @@
   and returns the job id, ``status`` reads the SQL job row, which the worker updates by
   calling the same ``run_retrain_job``. :func:`build_runner` picks one from the settings.
 
-Job status always comes from the ``retrain_jobs`` table, whichever runner ran the job.
+Job status always comes from the ``retrain_jobs`` table, whichever runner ran the job:
+queued → running (a compare-and-set, so only one run starts a job) → succeeded | failed |
+cancelled. Cancelling a queued job takes effect at once and frees the single-flight lock; a
+running one stops between epochs and ends ``cancelled``.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+from app.core.training import TrainingCancelled
 from app.serving.metrics import ServingMetrics
-from app.serving.retrain_job import MODES, run_retrain_job
+from app.serving.retrain_job import MODES, JobInterrupted, JobNotQueued, run_retrain_job
 from app.settings import Settings
 from app.storage import JobRecord, Store
-from app.storage.store import utcnow
 
 log = logging.getLogger("skqk.runner")
 
@@ -59,8 +62,10 @@ class RetrainRunner(Protocol):
         """The job row (None when unknown)."""
         ...
 
-    def cancel(self, job_id: str) -> bool:
-        """Stop a queued/running job between epochs; False when it is not running."""
+    def cancel(self, job_id: str) -> str | None:
+        """Cancel a job: ``"cancelled"`` when that took effect at once (a queued job: its lock
+        is free again), ``"cancelling"`` when a running job was asked to stop between epochs
+        (it ends ``cancelled``), None when the job is unknown or already finished."""
         ...
 
     def close(self) -> None:
@@ -90,7 +95,7 @@ def acquire_retrain_lease(store: Store, job_id: str, ttl_s: float) -> bool:
         if holder is None:
             continue  # expired or released meanwhile
         job = store.get_job(holder)
-        if job is None or job.status not in ("succeeded", "failed"):
+        if job is None or not job.finished:
             return False
         if store.take_over_lease(RETRAIN_LEASE, holder, job_id, ttl_s):
             return True
@@ -107,9 +112,16 @@ def _child_main(settings_json: str, job_id: str, mode: str, parent_pid: int) -> 
     torch.set_num_threads(settings.retrain_threads)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     store = Store(settings.resolved_database_url)
+
+    def should_cancel() -> bool:  # stop between epochs if the server that started us dies
+        if os.getppid() != parent_pid:
+            raise JobInterrupted("the server that started this retrain went away")
+        return False  # (a cancel request in the job row is read by run_retrain_job)
+
     try:
-        # stop between epochs if the server that started us dies
-        run_retrain_job(store, settings, job_id, mode, should_cancel=lambda: os.getppid() != parent_pid)
+        run_retrain_job(store, settings, job_id, mode, should_cancel=should_cancel)
+    except (JobNotQueued, TrainingCancelled, JobInterrupted):
+        pass  # cancelled before it started, or recorded in the job row (and logged)
     finally:
         store.dispose()
 
@@ -127,7 +139,6 @@ class EmbeddedRunner:
         self.metrics = metrics
         self.isolation = isolation or settings.retrain_isolation
         self._closing = threading.Event()
-        self._cancelled: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._processes: dict[str, multiprocessing.process.BaseProcess] = {}
         self._lock = threading.Lock()
@@ -178,9 +189,14 @@ class EmbeddedRunner:
                 import torch
 
                 torch.set_num_threads(self.settings.retrain_threads)  # per OS thread for OpenMP
+
+                def should_cancel() -> bool:  # a cancel request in the job row is read anyway
+                    if self._closing.is_set():
+                        raise JobInterrupted("the server is shutting down")
+                    return False
+
                 with contextlib.suppress(Exception):  # recorded in the job row by run_retrain_job
-                    run_retrain_job(self.store, self.settings, job_id, mode,
-                                    should_cancel=lambda: self._closing.is_set() or job_id in self._cancelled)
+                    run_retrain_job(self.store, self.settings, job_id, mode, should_cancel=should_cancel)
         except Exception as exc:
             log.exception("retrain supervisor failed")
             self._fail_if_unfinished(job_id, f"{type(exc).__name__}: {exc}")
@@ -204,15 +220,13 @@ class EmbeddedRunner:
             self._fail_if_unfinished(job_id, f"retrain process exited with code {process.exitcode}")
 
     def _fail_if_unfinished(self, job_id: str, error: str) -> None:
-        job = self.store.get_job(job_id)
-        if job is not None and job.status in ("queued", "running"):
-            self.store.update_job(job_id, status="failed", error=error, finished_at=utcnow())
+        self.store.fail_job_if_unfinished(job_id, error)
 
     def _finished(self, job_id: str) -> None:
         job = self.store.get_job(job_id)
         if job is None:
             return
-        outcome = "failed"
+        outcome = "cancelled" if job.status == "cancelled" else "failed"
         if job.status == "succeeded":
             outcome = "promoted" if (job.result or {}).get("promoted") else "rejected"
         if self.metrics is not None:
@@ -223,17 +237,21 @@ class EmbeddedRunner:
             except Exception:
                 log.exception("on_finished hook failed for job %s", job_id)
 
-    def cancel(self, job_id: str) -> bool:
-        job = self.store.get_job(job_id)
-        if job is None or job.status not in ("queued", "running"):
-            return False
+    def cancel(self, job_id: str) -> str | None:
+        if self.store.cancel_queued_job(job_id):  # its run has not started: it never will
+            self.store.release_lease(RETRAIN_LEASE, job_id)
+            return "cancelled"
         with self._lock:
-            self._cancelled.add(job_id)
             process = self._processes.get(job_id)
-        if process is not None and process.is_alive():
-            process.terminate()  # a child process holds no state worth a graceful stop
-            self.store.fail_job_if_unfinished(job_id, "cancelled by request")
-        return True
+        if process is None:
+            # a thread, or a job of another server process (--workers): it reads the request
+            # between epochs and ends cancelled
+            return "cancelling" if self.store.request_cancel(job_id) else None
+        process.terminate()  # a child process holds no state worth a graceful stop
+        if self.store.finish_job(job_id, "cancelled", error="cancelled by request (process stopped)"):
+            self.store.release_lease(RETRAIN_LEASE, job_id)
+            return "cancelled"
+        return None  # it finished just before
 
     def close(self, timeout: float = 10.0) -> None:
         self._closing.set()
@@ -259,4 +277,6 @@ def build_runner(settings: Settings, store: Store, on_finished: FinishedHook | N
         return EmbeddedRunner(store, settings, on_finished=on_finished, metrics=metrics, **kwargs)
     from app.serving.celery_runner import CeleryRunner
 
-    return CeleryRunner(store, settings)
+    runner = CeleryRunner(store, settings)
+    runner.start()  # re-publishes lost messages, fails jobs whose worker died
+    return runner

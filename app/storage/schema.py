@@ -9,6 +9,10 @@
   status; ``leases`` holds named single-flight leases (retrain, bootstrap).
 - ``samples.label`` is NULL for regression rows, whose ``targets`` are float32 bytes;
   ``model_versions.feature_schema`` is NULL for versions stored before it existed.
+- ``samples.quarantined_at`` set: an operator took the row out of every retrain (and its
+  holdout) without deleting it; ``quarantine_audit_id`` is the ``sample_audit`` row that did
+  it (who, why, which selector). ``sample_audit`` is append-only: one row per quarantine,
+  release or delete, written in the same transaction as the change it records.
 
 Every change here needs an Alembic revision in ``app/storage/migrations/versions`` (see
 docs/UPGRADING.md): stores are upgraded by migrations, never by ``create_all``.
@@ -23,6 +27,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -30,6 +35,7 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    text,
 )
 
 metadata = MetaData()
@@ -59,6 +65,14 @@ samples = Table(
     Column("created_at", UTCDateTime, nullable=False, server_default=func.current_timestamp()),
     # last, where the 0002 migration's ADD COLUMN puts it: fresh and upgraded stores match
     Column("targets", LargeBinary, nullable=True),  # regression targets, little-endian float32
+    # 0003: NULL = used by retrains; set = quarantined (kept, but out of every retrain)
+    Column("quarantined_at", UTCDateTime, nullable=True),
+    Column("quarantine_audit_id", BigInteger, nullable=True),  # the sample_audit row that did it
+    # Partial: only quarantined rows are in it, so it is tiny, and a retrain's
+    # "quarantined_at IS NULL" scan can never be planned through it (it stays a primary-key
+    # range scan); it serves the quarantined count and quarantined=true listings.
+    Index("ix_samples_quarantined", "id", sqlite_where=text("quarantined_at IS NOT NULL"),
+          postgresql_where=text("quarantined_at IS NOT NULL")),
     sqlite_autoincrement=True,
 )
 
@@ -103,7 +117,7 @@ retrain_jobs = Table(
     "retrain_jobs", metadata,
     Column("job_id", String(64), primary_key=True),
     Column("mode", String(16), nullable=False),
-    Column("status", String(16), nullable=False, index=True),  # queued|running|succeeded|failed
+    Column("status", String(16), nullable=False, index=True),  # queued|running|succeeded|failed|cancelled
     Column("runner", String(32), nullable=False),
     Column("progress", JSON, nullable=False),
     Column("result", JSON, nullable=True),
@@ -121,5 +135,18 @@ leases = Table(
     Column("expires_at", Float, nullable=True),  # epoch seconds
 )
 
+sample_audit = Table(
+    "sample_audit", metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("actor", String(200), nullable=False),  # api:<client host> …, cli:<user>@<host>
+    Column("action", String(16), nullable=False),  # quarantine | release | delete
+    Column("selector", JSON, nullable=False),  # {"ids": […]}, {"from_id", "to_id"}, {"ingest_key"}, …
+    Column("affected", BigInteger, nullable=False),  # rows whose state this action changed
+    Column("reason", Text, nullable=True),
+    sqlite_autoincrement=True,
+)
+
 LEASE_NAMES = ("retrain", "bootstrap")
-JOB_STATUSES = ("queued", "running", "succeeded", "failed")
+SAMPLE_ACTIONS = ("quarantine", "release", "delete")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")

@@ -23,6 +23,14 @@ from sqlalchemy import Engine, create_engine, event, func, insert, select, updat
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
+from app.storage import sample_admin
+from app.storage.guard import LIBPQ_DRIVERS, StoreTimeouts, install_guard, libpq_connect_args
+from app.storage.sample_admin import (
+    SampleActionOutcome,
+    SampleAuditTrail,
+    SampleListing,
+    SampleSelection,
+)
 from app.storage.schema import (
     JOB_STATUSES,
     LEASE_NAMES,
@@ -117,6 +125,11 @@ class VersionRecord:
                 "selector_sha256": self.selector_sha256, "estimator_sha256": self.estimator_sha256}
 
 
+UNFINISHED_JOB_STATUSES = ("queued", "running")
+FINISHED_JOB_STATUSES = tuple(s for s in JOB_STATUSES if s not in UNFINISHED_JOB_STATUSES)
+CANCEL_REQUESTED = "cancel requested"  # a running job's ``error`` while a cancel is pending
+
+
 @dataclass
 class JobRecord:
     job_id: str
@@ -138,7 +151,12 @@ class JobRecord:
         return {"job_id": self.job_id, "status": self.status, "mode": self.mode,
                 "runner": self.runner, "progress": self.progress, "result": self.result or {},
                 "error": self.error, "created_at": iso(self.created_at),
-                "started_at": iso(self.started_at), "finished_at": iso(self.finished_at)}
+                "started_at": iso(self.started_at), "finished_at": iso(self.finished_at),
+                "updated_at": iso(self.updated_at)}  # a running job's last heartbeat
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_JOB_STATUSES
 
 
 @dataclass
@@ -150,31 +168,48 @@ class Promotion:
     at: datetime
 
 
-def make_engine(url: str) -> Engine:
-    """An engine with sane settings per backend (SQLite: WAL, fsync on commit, busy wait)."""
+def make_engine(url: str, timeouts: StoreTimeouts | None = None) -> Engine:
+    """An engine with sane settings per backend (SQLite: WAL, fsync on commit, busy wait; libpq:
+    connect/statement/pool timeouts, TCP keepalives and the call-timeout guard of app.storage.guard).
+
+    ``timeouts`` default to the ``SKQK_DB_*`` / ``SKQK_STORE_TIMEOUT_S`` settings.
+    """
+    t = timeouts or StoreTimeouts.from_settings()
     if url.startswith("sqlite"):
-        database = make_url(url).database
+        parsed = make_url(url)
+        database = parsed.database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        busy_s = t.statement_s if t.statement_s > 0 else 86_400.0  # 0: wait (practically) forever
+        # a file gets a QueuePool (with a timeout); in memory, SQLAlchemy uses a one-connection pool
+        in_memory = not database or database == ":memory:" or parsed.query.get("mode") == "memory"
+        pool = {} if in_memory else {"pool_timeout": t.pool_s}
+        engine = create_engine(url, **pool, connect_args={"timeout": busy_s, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")  # a committed ingest survives power loss too
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_s * 1000)}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    parsed = make_url(url)
+    if parsed.get_driver_name() in LIBPQ_DRIVERS:
+        engine = create_engine(url, pool_size=5, max_overflow=10, pool_timeout=t.pool_s,
+                               connect_args=libpq_connect_args(parsed, t))
+        install_guard(engine, t)  # pings on checkout itself, within the call timeout
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=t.pool_s)
 
 
 class Store:
-    def __init__(self, url: str, engine: Engine | None = None) -> None:
+    def __init__(self, url: str, engine: Engine | None = None, timeouts: StoreTimeouts | None = None) -> None:
         self.url = url
-        self.engine = engine or make_engine(url)
+        self.timeouts = timeouts or StoreTimeouts.from_settings()  # call_s: what serving callers wait
+        self.engine = engine or make_engine(url, self.timeouts)
 
     @property
     def _insert_samples_sql(self) -> str:
@@ -309,9 +344,18 @@ class Store:
         return dict(row) if row else None
 
     def sample_count(self, n_features: int | None = None) -> int:
-        query = select(func.count()).select_from(samples)
+        """Samples retrains use: every stored row except the quarantined ones.
+
+        ``/samples/count``, ``/ingest``'s ``total_samples`` and ``skqk_samples_total`` report
+        this; ``quarantined_count()`` is the rest.
+        """
         if n_features is not None:
-            query = query.where(samples.c.n_features == n_features)
+            query = select(func.count()).select_from(samples).where(
+                samples.c.n_features == n_features, samples.c.quarantined_at.is_(None))
+        else:  # all rows (a scan of the smallest index) minus the tiny partial index's rows
+            quarantined = select(func.count()).select_from(samples).where(
+                samples.c.quarantined_at.is_not(None)).scalar_subquery()
+            query = select(select(func.count()).select_from(samples).scalar_subquery() - quarantined)
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
@@ -324,12 +368,15 @@ class Store:
                      ) -> SampleSet:
         """All samples with ``n_features`` features and id ≤ ``max_id``, ordered by id.
 
+        Quarantined samples are left out (see ``quarantine_samples``).
+
         ``n_targets`` None: classification rows (with a label); else regression rows with
         that many targets (y float32 [N, n_targets]).
         """
         label = samples.c.label if n_targets is None else samples.c.targets
         query = select(samples.c.id, samples.c.features, label).where(
-            samples.c.n_features == n_features, label.is_not(None))
+            samples.c.n_features == n_features, label.is_not(None),
+            samples.c.quarantined_at.is_(None))  # quarantined rows are out of every retrain
         if max_id is not None:
             query = query.where(samples.c.id <= max_id)
         if isinstance(batch_id, int):
@@ -354,6 +401,56 @@ class Store:
             ids = [i for i, k in zip(ids, keep, strict=True) if k]
             x = x[np.asarray(keep, dtype=bool)] if len(keep) else x
         return SampleSet(np.asarray(ids, dtype=np.int64), x.astype(np.float32), y)
+
+    # ---- sample administration (SQL in app.storage.sample_admin) ------------------------------
+    def quarantined_count(self) -> int:
+        with self.engine.connect() as conn:
+            return sample_admin.quarantined_count(conn)
+
+    def count_selected(self, selection: SampleSelection) -> int:
+        """Stored rows (quarantined or not) that ``selection`` matches."""
+        with self.engine.connect() as conn:
+            return sample_admin.count_selected(conn, selection)
+
+    def list_samples(self, *, from_id: int | None = None, to_id: int | None = None,
+                     batch_id: int | None = None, ingest_key: str | None = None,
+                     quarantined: bool | None = None, after_id: int | None = None, limit: int = 100,
+                     features: bool = False) -> SampleListing:
+        """One page of samples in id order, filters AND-ed; ``next_after_id`` continues it."""
+        with self.engine.connect() as conn:
+            return sample_admin.list_samples(
+                conn, from_id=from_id, to_id=to_id, batch_id=batch_id, ingest_key=ingest_key,
+                quarantined=quarantined, after_id=after_id, limit=limit, features=features)
+
+    def _sample_action(self, action: str, selection: SampleSelection, actor: str,
+                       reason: str | None) -> SampleActionOutcome:
+        with self.engine.begin() as conn:  # the change and its audit row commit together
+            outcome = sample_admin.apply_action(conn, action, selection, actor, reason)
+        what = selection.to_json() if selection.ids is None else f"{len(selection.ids)} ids"
+        log.info("samples %s by %s: %d rows (%s; audit #%d)", action, actor, outcome.affected, what,
+                 outcome.audit_id)
+        return outcome
+
+    def quarantine_samples(self, selection: SampleSelection, actor: str,
+                           reason: str | None = None) -> SampleActionOutcome:
+        """Keep the rows but leave them out of every retrain (and its holdout) from now on."""
+        return self._sample_action("quarantine", selection, actor, reason)
+
+    def release_samples(self, selection: SampleSelection, actor: str,
+                        reason: str | None = None) -> SampleActionOutcome:
+        """Undo a quarantine: the rows are used by the next retrain again."""
+        return self._sample_action("release", selection, actor, reason)
+
+    def delete_samples(self, selection: SampleSelection, actor: str, reason: str) -> SampleActionOutcome:
+        """Delete the rows for good; their ingest batch row stays (a retried key stays a no-op)."""
+        if not reason or not reason.strip():
+            raise ValueError("reason: a delete needs a reason")
+        return self._sample_action("delete", selection, actor, reason)
+
+    def sample_audit(self, limit: int = 100, before_id: int | None = None) -> SampleAuditTrail:
+        """The quarantine/release/delete trail, newest first (a page; ``next_before_id`` goes on)."""
+        with self.engine.connect() as conn:
+            return sample_admin.list_audit(conn, limit, before_id)
 
     # ---- model versions --------------------------------------------------------------------
     def register_version(self, architecture: dict[str, Any], selector_weights: bytes,
@@ -446,12 +543,14 @@ class Store:
                               as_utc(r["at"])) for r in rows]
 
     # ---- retrain jobs ------------------------------------------------------------------------
-    def create_job(self, job_id: str, mode: str, runner: str) -> JobRecord:
+    def create_job(self, job_id: str, mode: str, runner: str,
+                   progress: dict[str, Any] | None = None) -> JobRecord:
         now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(insert(retrain_jobs).values(
-                job_id=job_id, mode=mode, status="queued", runner=runner, progress={},
-                result=None, error=None, created_at=now, updated_at=now))
+                job_id=job_id, mode=mode, status="queued", runner=runner,
+                progress=clean_json(progress or {}), result=None, error=None, created_at=now,
+                updated_at=now))
         job = self.get_job(job_id)
         assert job is not None
         return job
@@ -466,14 +565,93 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(update(retrain_jobs).where(retrain_jobs.c.job_id == job_id).values(**values))
 
-    def fail_job_if_unfinished(self, job_id: str, error: str) -> bool:
-        """Mark a queued/running job failed; a no-op (False) once it has finished."""
-        now = utcnow()
+    def _cas_job(self, job_id: str, status: str | Iterable[str], values: dict[str, Any],
+                 *conditions: Any) -> bool:
+        """UPDATE the job only while its status is ``status`` (and ``conditions`` hold)."""
+        expected = (status,) if isinstance(status, str) else tuple(status)
+        for key in ("progress", "result"):
+            if values.get(key) is not None:
+                values[key] = clean_json(values[key])
         with self.engine.begin() as conn:
             res = conn.execute(update(retrain_jobs).where(
-                retrain_jobs.c.job_id == job_id, retrain_jobs.c.status.in_(("queued", "running")))
-                .values(status="failed", error=error, finished_at=now, updated_at=now))
+                retrain_jobs.c.job_id == job_id, retrain_jobs.c.status.in_(expected), *conditions)
+                .values(**values, updated_at=utcnow()))
             return res.rowcount == 1
+
+    def start_job(self, job_id: str) -> JobRecord | None:
+        """Compare-and-set queued → running: of several deliveries of one job, one trains.
+
+        None (nothing changed) when the job is no longer queued: another delivery runs it,
+        or it was cancelled or failed meanwhile; the caller must then not train.
+        """
+        if not self._cas_job(job_id, "queued", {"status": "running", "started_at": utcnow()}):
+            return None
+        return self.get_job(job_id)
+
+    def finish_job(self, job_id: str, status: str, *, expect: str | Iterable[str] = "running",
+                   error: str | None = None, result: dict[str, Any] | None = None,
+                   progress: dict[str, Any] | None = None) -> bool:
+        """Compare-and-set a job from ``expect`` to the final ``status``; False: no change.
+
+        A worker judged dead (its row already ``failed``) cannot turn it ``succeeded`` later.
+        """
+        if status not in FINISHED_JOB_STATUSES:
+            raise ValueError(f"not a final job status: {status!r}")
+        values: dict[str, Any] = {"status": status, "error": error, "finished_at": utcnow()}
+        if result is not None:
+            values["result"] = result
+        if progress is not None:
+            values["progress"] = progress
+        return self._cas_job(job_id, expect, values)
+
+    def cancel_queued_job(self, job_id: str) -> bool:
+        """queued → cancelled at once (no worker started it); False when not queued."""
+        return self.finish_job(job_id, "cancelled", expect="queued",
+                               error="cancelled by request before a worker started it")
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Ask a running job to stop between epochs (its runner polls :meth:`cancel_requested`,
+        whichever process runs it); shown as its ``error`` until it ends. False: not running."""
+        with self.engine.begin() as conn:  # not a sign of life: ``updated_at`` stays
+            res = conn.execute(update(retrain_jobs).where(
+                retrain_jobs.c.job_id == job_id, retrain_jobs.c.status == "running")
+                .values(error=CANCEL_REQUESTED))
+            return res.rowcount == 1
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self.engine.connect() as conn:
+            error = conn.execute(select(retrain_jobs.c.error).where(
+                retrain_jobs.c.job_id == job_id, retrain_jobs.c.status == "running")).scalar()
+        return error == CANCEL_REQUESTED
+
+    def touch_job(self, job_id: str) -> bool:
+        """A running job's heartbeat (``updated_at``); False once the row is not running."""
+        return self._cas_job(job_id, "running", {})
+
+    def fail_stale_job(self, job_id: str, status: str, error: str, *,
+                       updated_before: datetime | None = None,
+                       created_before: datetime | None = None) -> bool:
+        """``status`` → failed, only if the row showed no sign of life since the cutoff(s)."""
+        conditions = []
+        if updated_before is not None:
+            conditions.append(retrain_jobs.c.updated_at < updated_before)
+        if created_before is not None:
+            conditions.append(retrain_jobs.c.created_at < created_before)
+        return self._cas_job(job_id, status, {"status": "failed", "error": error,
+                                              "finished_at": utcnow()}, *conditions)
+
+    def claim_queued_job(self, job_id: str, updated_before: datetime,
+                         progress: dict[str, Any] | None = None) -> bool:
+        """Restart a queued job's publish clock (``updated_at``) unless someone did since the
+        cutoff: of several replicas racing to re-publish it in one interval, one wins.
+        ``progress`` (the delivery counts) is stored with it."""
+        values = {} if progress is None else {"progress": progress}
+        return self._cas_job(job_id, "queued", values, retrain_jobs.c.updated_at < updated_before)
+
+    def fail_job_if_unfinished(self, job_id: str, error: str) -> bool:
+        """Mark a queued/running job failed; a no-op (False) once it has finished."""
+        return self._cas_job(job_id, UNFINISHED_JOB_STATUSES,
+                             {"status": "failed", "error": error, "finished_at": utcnow()})
 
     @staticmethod
     def _job(row: Any) -> JobRecord:

@@ -22,6 +22,7 @@ from tests.helpers.pg import temporary_database
 from tests.helpers.server import API_KEY, REPO, ServerProcess, fast_env, free_port
 
 LEASE_S = 4  # the worker's lock TTL: a killed worker's lock is gone within this
+REPUBLISH_S = 4  # a queued job whose message no worker started is published again after this
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1,
@@ -105,6 +106,21 @@ class Deployment:
     replicas: list[ServerProcess] = field(default_factory=list)
     workers: list[Process] = field(default_factory=list)
 
+    @property
+    def pause_file(self) -> Path:
+        """While this file exists, the workers' retrains hold after each epoch (a test knob)."""
+        return Path(self.env["SKQK_RETRAIN_TEST_PAUSE_FILE"])
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def running_worker(self) -> Process:
+        """A live worker: the last one started if it still runs, else a new one."""
+        if self.workers and self.workers[-1].proc is not None and self.workers[-1].proc.poll() is None:
+            return self.workers[-1]
+        return self.start_worker()
+
     def start_worker(self, **overrides: str) -> Process:
         env = {**self.env, **overrides}
         worker = Process(compose_command("worker"), env,
@@ -142,6 +158,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     with temporary_database(prefix="skqk_dist") as db_url:
         env = fast_env(workdir, SKQK_DATABASE_URL=db_url, SKQK_REDIS_URL=redis_server.url,
                        SKQK_RETRAIN_LEASE_S=LEASE_S, SKQK_RETRAIN_QUEUE_TIMEOUT_S=120,
+                       SKQK_RETRAIN_REPUBLISH_S=REPUBLISH_S,
+                       SKQK_RETRAIN_TEST_PAUSE_FILE=workdir / "pause-retrains",
                        # Long poll: a replica that swaps within a second was told over pub/sub.
                        SKQK_POLL_INTERVAL_S=30)
         dep = Deployment(redis_server, env, workdir)

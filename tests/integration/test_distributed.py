@@ -8,10 +8,12 @@ import time
 import httpx
 import numpy as np
 import pytest
+import redis
 from sklearn.datasets import load_digits
 
+from app.distributed import GPU_QUEUE, LOCK_NAME
 from app.storage import Store
-from tests.integration.conftest import LEASE_S, Deployment, admin_headers, wait_until
+from tests.integration.conftest import LEASE_S, REPUBLISH_S, Deployment, Process, admin_headers, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +46,7 @@ def served_versions(url: str, n: int = 16) -> set[int]:
 def wait_job(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
     def finished() -> dict | None:
         job = client.get(f"/retrain/{job_id}").json()
-        return job if job["status"] in ("succeeded", "failed") else None
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
 
     return wait_until(finished, timeout, 0.05, what=f"job {job_id} to finish")  # type: ignore[return-value]
 
@@ -156,3 +158,132 @@ def test_redis_outage_keeps_serving_and_ingest_and_recovers(deployment: Deployme
     for replica in (a, b):  # pub/sub if the subscriber is back already, else the 30 s poll
         wait_until(lambda r=replica: served_versions(r.url) == {new}, 45, 0.2,
                    what=f"{replica.url} to serve version {new}")
+
+
+# ---- jobs are never lost, cancels work at once, GETs change nothing --------------------------
+
+def job_of(client: httpx.Client, job_id: str) -> dict:
+    return client.get(f"/retrain/{job_id}").json()
+
+
+def log_since(worker: Process, marker: str) -> str:
+    """The worker's log from the first line containing ``marker`` on."""
+    text = worker.log_path.read_text(errors="replace")
+    return text[text.index(marker):] if marker in text else ""
+
+
+def test_cancel_of_a_queued_job_is_immediate_and_frees_the_lock(deployment: Deployment):
+    a, b = deployment.replicas
+    deployment.stop_workers()  # nobody picks the job up: it stays queued
+    with a.client() as ca, b.client() as cb:
+        job_id = submit_retrain(ca)
+        assert job_of(cb, job_id)["status"] == "queued"
+        r = cb.post(f"/retrain/{job_id}/cancel", headers=admin_headers())
+        cancelled_at = time.monotonic()
+        assert r.status_code == 200, r.text
+        assert r.json() == {"job_id": job_id, "status": "cancelled"}
+        again = ca.post("/retrain", json={"mode": "qk"}, headers=admin_headers())
+        print(f"cancel of a queued job → next POST /retrain accepted: "
+              f"{time.monotonic() - cancelled_at:.3f}s")
+        assert again.status_code == 202, again.text  # the lock is free at once
+        assert job_of(ca, job_id)["status"] == "cancelled"
+        r = cb.post(f"/retrain/{job_id}/cancel", headers=admin_headers())
+        assert r.status_code == 409 and "cancelled" in r.json()["error"]
+
+        worker = deployment.start_worker()  # gets both messages: the cancelled one does nothing
+        new = wait_job(ca, again.json()["job_id"])
+        assert new["status"] == "succeeded", new
+        wait_until(lambda: f"retrain job {job_id} is already cancelled" in worker.log(), 30,
+                   what=f"the cancelled job's delivery to do nothing:\n{worker.log()}")
+        assert job_of(ca, job_id)["status"] == "cancelled"
+        assert "Traceback" not in worker.log()
+
+
+def test_a_message_lost_by_a_dying_worker_is_published_again(deployment: Deployment):
+    a, _b = deployment.replicas
+    deployment.stop_workers()
+    broker = redis.Redis(port=deployment.redis.port, decode_responses=True)
+    with a.client() as ca:
+        job_id = submit_retrain(ca)
+        # A worker's BRPOP took the message and the worker died before acking it: gone.
+        mine = [m for m in broker.lrange(GPU_QUEUE, 0, -1) if job_id in m]
+        assert len(mine) == 1 and broker.lrem(GPU_QUEUE, 0, mine[0]) == 1
+        lost_at = time.monotonic()
+        deployment.start_worker()
+        wait_until(lambda: job_of(ca, job_id)["status"] != "queued", 60, 0.05,
+                   what=f"job {job_id} to start again")
+        print(f"lost message → job running again: {time.monotonic() - lost_at:.3f}s "
+              f"(republish interval {REPUBLISH_S} s, worker start included)")
+        job = wait_job(ca, job_id)
+        assert job["status"] == "succeeded", job
+        assert job["progress"]["delivery"]["republished"] >= 1, job["progress"]
+        after = ca.post("/retrain", json={"mode": "qk"}, headers=admin_headers())
+        assert after.status_code == 202, after.text  # nothing left holding the lock
+        assert wait_job(ca, after.json()["job_id"])["status"] == "succeeded"
+    broker.close()
+
+
+def test_redis_restart_mid_training_neither_fails_the_job_nor_starts_another(deployment: Deployment):
+    a, b = deployment.replicas
+    deployment.running_worker()
+    broker = redis.Redis(port=deployment.redis.port, decode_responses=True)
+    deployment.pause_file.touch()  # the job holds after each epoch while this file exists
+    try:
+        with a.client() as ca, b.client() as cb:
+            job_id = submit_retrain(ca, mode="full")
+            wait_until(lambda: (job_of(ca, job_id)["progress"].get("epoch") or 0) >= 1, 60, 0.1,
+                       what="the retrain to reach epoch 1")
+            deployment.redis.stop()
+            deployment.redis.start()  # no persistence: the lock and every key are gone
+            for client in (ca, cb, ca, cb):  # unauthenticated reads change nothing
+                assert job_of(client, job_id)["status"] == "running"
+
+            def second_post(client: httpx.Client) -> httpx.Response | None:
+                r = client.post("/retrain", json={"mode": "qk"}, headers=admin_headers())
+                return r if r.status_code != 503 else None  # 503 until the replica reconnects
+
+            for client in (ca, cb):
+                r = wait_until(lambda c=client: second_post(c), 30, 0.2, what="a POST /retrain answer")
+                assert r.status_code == 409, r.text
+                assert r.json()["job_id"] == job_id
+            # the worker's heartbeat takes the lock back for its job
+            wait_until(lambda: broker.get(LOCK_NAME) == job_id, 30, 0.1,
+                       what="the worker to take the retrain lock again")
+            assert job_of(cb, job_id)["status"] == "running"
+    finally:
+        deployment.pause_file.unlink(missing_ok=True)
+    with a.client() as ca:
+        job = wait_job(ca, job_id)
+        assert job["status"] == "succeeded", job
+        assert "lost the retrain lock" not in job["result"]["reason"], job["result"]
+        store = Store(deployment.env["SKQK_DATABASE_URL"])
+        try:  # exactly one job trained: none was created since
+            since = store.get_job(job_id).created_at
+            later = [j.job_id for j in store.list_jobs(limit=20) if j.created_at > since]
+        finally:
+            store.dispose()
+        assert later == []
+        assert wait_job(ca, submit_retrain(ca))["status"] == "succeeded"
+    broker.close()
+
+
+def test_cancel_of_a_running_job_ends_cancelled_without_a_traceback(deployment: Deployment):
+    a, _b = deployment.replicas
+    worker = deployment.running_worker()
+    deployment.pause_file.touch()
+    try:
+        with a.client() as ca:
+            job_id = submit_retrain(ca, mode="full")
+            wait_until(lambda: (job_of(ca, job_id)["progress"].get("epoch") or 0) >= 1, 60, 0.1,
+                       what="the retrain to reach epoch 1")
+            r = ca.post(f"/retrain/{job_id}/cancel", headers=admin_headers())
+            assert r.status_code == 202, r.text
+            assert r.json() == {"job_id": job_id, "status": "cancelling"}
+            job = wait_job(ca, job_id)
+    finally:
+        deployment.pause_file.unlink(missing_ok=True)
+    assert job["status"] == "cancelled", job
+    assert job["progress"]["phase"] == "cancelled"
+    log = log_since(worker, f"Task workers.tasks.retrain[{job_id}] received")
+    assert f"retrain job {job_id} cancelled by request" in log, log
+    assert "Traceback" not in log and "ERROR" not in log, log

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, insert, inspect, select, text, update
 from sqlalchemy.engine import make_url
 
-from app.storage import Store
+from app.storage import SampleSelection, Store
 from app.storage import migrate as migrate_mod
 from app.storage.migrate import (
     BASELINE,
@@ -35,7 +36,7 @@ from app.storage.migrate import (
     head_revision,
     upgrade_to_head,
 )
-from app.storage.schema import metadata, model_versions, samples
+from app.storage.schema import ingest_batches, metadata, model_versions, sample_audit, samples
 from tests.helpers.pg import temporary_database
 from tests.helpers.server import REPO, ServerProcess, fast_env
 
@@ -46,6 +47,8 @@ PG_FIXTURE = LEGACY / "store_fa542af.pg.sql"
 # table → ORDER BY column, for a stable row-by-row comparison
 LEGACY_TABLES = {"ingest_batches": "id", "samples": "id", "model_versions": "version",
                  "promotions": "id", "active_model": "id", "retrain_jobs": "job_id", "leases": "name"}
+REV_0002 = "0002_targets_feature_schema"
+REV_0003 = "0003_sample_quarantine"
 
 UrlFactory = Callable[[], str]
 
@@ -194,6 +197,10 @@ def test_legacy_store_is_upgraded_and_keeps_everything(
         assert project(after, before) == before  # every legacy row and byte, unchanged
         assert all(v["feature_schema"] is None for v in after["model_versions"])
         assert all(s["targets"] is None for s in after["samples"])
+        # 0003: nothing is quarantined, the audit trail starts empty
+        assert all(s["quarantined_at"] is None and s["quarantine_audit_id"] is None for s in after["samples"])
+        with raw.connect() as conn:
+            assert conn.execute(select(sample_audit)).all() == []
 
         # the store API sees the same registry
         assert store.active_version() == 2
@@ -337,6 +344,134 @@ def test_sqlite_downgrade_to_baseline_and_upgrade_again(legacy_url: str,
                 batch_id=1, n_features=64, features=np.zeros(64, "<f4").tobytes(),
                 label=3)).inserted_primary_key[0]
         assert next_id == regression_id + 1
+    finally:
+        store.dispose()
+
+
+def test_legacy_rows_load_and_can_be_quarantined_or_deleted_after_the_upgrade(
+        legacy_url: str, engines: Callable[[str], Engine]) -> None:
+    raw = engines(legacy_url)
+    before = rows(raw)
+    keyed = next(b["id"] for b in before["ingest_batches"] if b["idempotency_key"] == "legacy-batch-0002")
+    second = [s for s in before["samples"] if s["batch_id"] == keyed]
+    second_ids = [s["id"] for s in second]
+    store = Store(legacy_url)
+    try:
+        store.create_schema()
+        everything = store.load_samples(64)  # what a retrain reads: every legacy row, as stored
+        assert everything.ids.tolist() == [s["id"] for s in before["samples"]]
+        np.testing.assert_array_equal(everything.x, np.frombuffer(
+            b"".join(s["features"] for s in before["samples"]), "<f4").reshape(-1, 64))
+        np.testing.assert_array_equal(everything.y, [s["label"] for s in before["samples"]])
+
+        done = store.quarantine_samples(SampleSelection(ingest_key="legacy-batch-0002"), "test", "legacy")
+        assert done.affected == len(second_ids) == 100
+        kept = [i for i in everything.ids.tolist() if i not in second_ids]
+        assert store.load_samples(64).ids.tolist() == kept
+        assert (store.sample_count(), store.quarantined_count()) == (200, 100)
+        assert [(a.action, a.affected) for a in store.sample_audit().entries] == [("quarantine", 100)]
+
+        # deleted, the legacy batch's key stays taken: the old client's retry stores nothing
+        assert store.delete_samples(SampleSelection(batch_id=keyed), "test", "gone").affected == 100
+        x = np.frombuffer(b"".join(s["features"] for s in second), "<f4").reshape(-1, 64)
+        retry = store.ingest(x, np.array([s["label"] for s in second]), "legacy-batch-0002")
+        assert retry.duplicate and store.sample_count() == 200 and store.quarantined_count() == 0
+        fresh = store.ingest(x[:1], [1])
+        assert fresh.total_samples == 201
+        assert store.max_sample_id() > max(second_ids)  # ids of deleted rows are never reused
+    finally:
+        store.dispose()
+
+
+def _insert_at_0002(engine: Engine) -> dict[str, int]:
+    """Rows the 0002 schema can hold (class and regression samples, a keyed batch), written by
+    SQL over exactly its columns; then its newest sample deleted, as an operator might have."""
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        def batch(key: str | None, n: int) -> int:
+            res = conn.execute(insert(ingest_batches).values(
+                idempotency_key=key, payload_sha256="0" * 64, count=n, created_at=now))
+            return int(res.inserted_primary_key[0])
+
+        def sample(batch_id: int, i: int, label: int | None, targets: bytes | None) -> int:
+            return int(conn.execute(insert(samples).values(
+                batch_id=batch_id, n_features=8, features=np.full(8, i, "<f4").tobytes(), label=label,
+                targets=targets)).inserted_primary_key[0])
+
+        plain, keyed = batch(None, 3), batch("at-0002", 3)
+        ids = {"class": [sample(plain, i, i, None) for i in range(3)],
+               "regression": [sample(keyed, i, None, np.array([i, -i], "<f4").tobytes()) for i in range(3)]}
+        conn.execute(samples.delete().where(samples.c.id == ids["regression"][-1]))
+    return {"plain": plain, "keyed": keyed, "top": ids["regression"].pop(), **{
+        f"{k}_{n}": v for k, vs in ids.items() for n, v in enumerate(vs)}}
+
+
+def test_store_at_0002_is_upgraded_to_head(empty_url: UrlFactory, engines: Callable[[str], Engine]) -> None:
+    url = empty_url()
+    migrate_to(url, REV_0002)  # the schema the previous code kept stores at
+    raw = engines(url)
+    assert current_revision(raw) == REV_0002
+    made = _insert_at_0002(raw)
+    before = rows(raw)
+
+    store = Store(url)
+    try:
+        store.create_schema()
+        assert current_revision(raw) == head_revision() == REV_0003
+        after = project(rows(raw), before)
+        assert (after["ingest_batches"], after["samples"]) == (before["ingest_batches"], before["samples"])
+        assert all(s["quarantined_at"] is None for s in rows(raw)["samples"])
+        fresh_url = empty_url()
+        Store(fresh_url).create_schema()
+        assert structure(raw) == structure(engines(fresh_url))
+        with raw.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+
+        class_ids = [made["class_0"], made["class_1"], made["class_2"]]
+        assert store.load_samples(8).ids.tolist() == class_ids
+        regression = store.load_samples(8, n_targets=2)
+        assert regression.ids.tolist() == [made["regression_0"], made["regression_1"]]
+        np.testing.assert_array_equal(regression.y, [[0, 0], [1, -1]])
+
+        assert store.quarantine_samples(SampleSelection(ingest_key="at-0002"), "test", "x").affected == 2
+        assert len(store.load_samples(8, n_targets=2)) == 0 and store.sample_count() == 3
+        assert store.release_samples(SampleSelection(batch_id=made["keyed"]), "test").affected == 2
+        # the id deleted at 0002 and the ones deleted now never come back (the watermark only grows)
+        assert store.delete_samples(SampleSelection(from_id=class_ids[-1]), "test", "tail").affected == 3
+        new = store.ingest(np.ones((1, 8), np.float32), [1])
+        assert store.max_sample_id() == made["top"] + 1 and new.total_samples == 3
+    finally:
+        store.dispose()
+
+
+def test_downgrade_below_0003_refuses_while_samples_are_quarantined(
+        empty_url: UrlFactory, engines: Callable[[str], Engine]) -> None:
+    reference = empty_url()
+    migrate_to(reference, REV_0002)
+    url = empty_url()
+    raw = engines(url)
+    store = Store(url)
+    try:
+        store.create_schema()
+        store.ingest(np.ones((4, 3), np.float32), [0, 1, 2, 0], "k")
+        ids = store.load_samples(3).ids.tolist()
+        store.quarantine_samples(SampleSelection(ids=(ids[0],)), "test", "x")
+        with pytest.raises(RuntimeError, match="1 samples are quarantined"):
+            downgrade_to(store.engine, REV_0002)
+        assert current_revision(raw) == REV_0003 and store.quarantined_count() == 1
+
+        store.release_samples(SampleSelection(ids=(ids[0],)), "test")
+        store.delete_samples(SampleSelection(ids=(ids[-1],)), "test", "the newest row")
+        downgrade_to(store.engine, REV_0002)  # drops the audit trail (logged), keeps every sample
+        assert current_revision(raw) == REV_0002
+        assert without_version_table(structure(raw)) == without_version_table(structure(engines(reference)))
+        with raw.connect() as conn:
+            assert conn.execute(select(samples.c.id).order_by(samples.c.id)).scalars().all() == ids[:3]
+
+        upgrade_to_head(store.engine)
+        store.ingest(np.zeros((1, 3), np.float32), [2])
+        assert store.max_sample_id() == ids[-1] + 1  # the sequence survived SQLite's table copy
+        assert store.sample_audit().entries == []
     finally:
         store.dispose()
 
