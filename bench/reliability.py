@@ -138,8 +138,8 @@ def swaps(work: Path, n_swaps: int) -> dict[str, object]:
     server = ServerProcess(data_dir, fast_env(data_dir)).start(ready_timeout=300)
     try:
         with server.client(timeout=300) as c:
-            job = c.post("/retrain", json={"mode": "qk"}, headers=ADMIN).json()["job_id"]
-            result = wait_job(c, job)
+            _ingest_some(c, 0)
+            result = wait_job(c, _accept(c)[0])
             assert result["status"] == "succeeded", result
             versions = sorted(v["version"] for v in c.get("/models").json())[-2:]
             c.post(f"/models/{versions[0]}/activate", headers=ADMIN).raise_for_status()
@@ -198,6 +198,161 @@ def swaps(work: Path, n_swaps: int) -> dict[str, object]:
             "swaps": n_swaps, "examples": failures[:3]}
 
 
+# ---- recovery: Redis, worker and Postgres loss ----------------------------------------------
+LEASE_S = 4  # the worker's lock TTL in the distributed runs: a dead worker is noticed within it
+
+
+def _ingest_some(client: httpx.Client, seed: int, n: int = 20) -> None:
+    """New rows, so a retrain has something new to train on."""
+    rng = np.random.default_rng(seed)
+    samples = [{"features": rng.random(64).round(4).tolist(), "label": int(rng.integers(0, 10))}
+               for _ in range(n)]
+    client.post("/ingest", json={"samples": samples}).raise_for_status()
+
+
+def _accept(client: httpx.Client, mode: str = "qk", timeout: float = 120) -> tuple[str, float]:
+    """POST /retrain until it is accepted (a lock may still be settling): (job id, seconds)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            r = client.post("/retrain", json={"mode": mode}, headers=ADMIN)
+            if r.status_code == 202:
+                return r.json()["job_id"], time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"POST /retrain not accepted within {timeout}s")
+
+
+def distributed(work: Path, rounds: int) -> list[list[object]]:
+    """Redis SIGKILL + empty restart, and worker SIGKILL mid-retrain, on a real deployment."""
+    import subprocess
+
+    from tests.compose import compose_command
+    from tests.helpers.server import REPO
+    from tests.integration.conftest import Deployment, RedisServer
+
+    rows: list[list[object]] = []
+    workdir = work / "distributed"
+    workdir.mkdir()
+    redis_server = RedisServer(workdir)
+    redis_server.start()
+    with temporary_database(prefix="skqk_rel_dist") as db_url:
+        env = fast_env(workdir, SKQK_DATABASE_URL=db_url, SKQK_REDIS_URL=redis_server.url,
+                       SKQK_RETRAIN_LEASE_S=LEASE_S, SKQK_RETRAIN_REPUBLISH_S=10)
+        dep = Deployment(redis_server, env, workdir)
+        try:
+            subprocess.run(compose_command("init", epochs="8"), cwd=REPO, env=env, check=True,
+                           capture_output=True, timeout=300)
+            # long full retrains, so the worker can be killed in the middle of one
+            dep.start_worker(SKQK_RETRAIN_EPOCHS="400", SKQK_RETRAIN_PATIENCE="400")
+            replica = dep.start_replica()
+            with replica.client() as c:
+                for r in range(rounds):
+                    # Redis: SIGKILL, restart empty; serving must not notice, retrains come back.
+                    _ingest_some(c, 10 * r)
+                    restarted: list[float] = []
+                    failures = _predict_failures_during(
+                        replica.url, lambda out=restarted: _restart_redis(redis_server, out), settle_s=0.0)
+                    job_id, _ = _accept(c)
+                    accept_s = time.monotonic() - restarted[0]
+                    done = wait_job(c, job_id)
+                    rows.append(["Redis SIGKILL + empty restart", r + 1,
+                                 f"POST /retrain accepted {accept_s:.2f} s after the restart; the job "
+                                 f"{done['status']} {time.monotonic() - restarted[0]:.1f} s after it",
+                                 failures])
+                    print("redis", rows[-1], flush=True)
+
+                    # Worker: SIGKILL mid-retrain, then a new worker.
+                    _ingest_some(c, 10 * r + 1)
+                    job_id, _ = _accept(c, "full")
+                    timed_until(lambda j=job_id: (c.get(f"/retrain/{j}").json()["progress"]
+                                                  .get("epoch") or 0) >= 2, 120, 0.1)
+                    t_kill = time.monotonic()
+                    dep.workers[-1].kill_group()
+                    dep.start_worker(SKQK_RETRAIN_EPOCHS="400", SKQK_RETRAIN_PATIENCE="400")
+                    first = wait_job(c, job_id, timeout=120)
+                    ended_s = time.monotonic() - t_kill
+                    _ingest_some(c, 10 * r + 2)
+                    job2, accept2_s = _accept(c)
+                    second = wait_job(c, job2)
+                    rows.append(["worker SIGKILL mid-retrain, new worker started", r + 1,
+                                 f"killed job ended {first['status']} {ended_s:.1f} s after the kill "
+                                 f"(lease {LEASE_S} s); next job accepted after {accept2_s:.1f} s, "
+                                 f"{second['status']} {time.monotonic() - t_kill:.1f} s after the kill",
+                                 0])
+                    print("worker", rows[-1], flush=True)
+        finally:
+            dep.close()
+    return rows
+
+
+def _restart_redis(server: object, restarted_at: list[float]) -> None:
+    """SIGKILL the private Redis and start it again, empty (it keeps nothing on disk)."""
+    server.stop()  # type: ignore[attr-defined]
+    server.start()  # type: ignore[attr-defined]
+    restarted_at.append(time.monotonic())
+
+
+def _predict_failures_during(url: str, fault: Callable[[], object], settle_s: float = 2.0) -> int:
+    """Failed /predict calls from one client while ``fault`` runs (and ``settle_s`` after)."""
+    failures = 0
+    stop = threading.Event()
+
+    def loop() -> None:
+        nonlocal failures
+        with httpx.Client(base_url=url, timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    if c.post("/predict", json={"inputs": [[0.5] * 64]}).status_code != 200:
+                        failures += 1
+                except httpx.HTTPError:
+                    failures += 1
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    fault()
+    time.sleep(settle_s)
+    stop.set()
+    thread.join(30)
+    return failures
+
+
+def postgres_freeze(work: Path, rounds: int, freeze_s: float = 5.0) -> list[list[object]]:
+    """A private Postgres frozen (SIGSTOP) for ``freeze_s``: time to 503, serving, recovery."""
+    from tests.helpers.private_pg import PrivateCluster, pg_bin_dir
+
+    bin_dir = pg_bin_dir()
+    if bin_dir is None:
+        print("postgres: no server binaries; skipped", flush=True)
+        return []
+    cluster = PrivateCluster(bin_dir).start()
+    data_dir = work / "pg-freeze"
+    server = ServerProcess(data_dir, fast_env(data_dir, SKQK_DATABASE_URL=cluster.url))
+    rows: list[list[object]] = []
+    try:
+        server.start(ready_timeout=300)
+        with server.client(timeout=60) as c:
+            for r in range(rounds):
+                cluster.freeze()
+                t0 = time.monotonic()
+                answer = c.post("/ingest", json={"samples": [{"features": [0.5] * 64, "label": 1}]})
+                to_503 = time.monotonic() - t0
+                predict_failures = _predict_failures_during(server.url, lambda: None, freeze_s)
+                cluster.thaw()
+                t1 = time.monotonic()
+                recover = timed_until(lambda: c.post("/ingest", json={"samples": [
+                    {"features": [0.5] * 64, "label": 1}]}).status_code == 200, 60, 0.05)
+                rows.append(["Postgres frozen (SIGSTOP) then thawed", r + 1,
+                             f"/ingest {answer.status_code} after {to_503:.2f} s; ingest back "
+                             f"{recover:.2f} s after SIGCONT", predict_failures])
+                print("postgres", rows[-1], f"{time.monotonic() - t1:.2f}", flush=True)
+    finally:
+        server.stop()
+        cluster.stop()
+    return rows
+
+
 # ---- driver ----------------------------------------------------------------------------------
 def timed_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> float:
     """Seconds until ``predicate`` holds (raises after ``timeout``)."""
@@ -216,7 +371,7 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-PARTS = ("durability", "swaps")
+PARTS = ("durability", "swaps", "distributed", "postgres")
 
 
 def main() -> None:
@@ -248,6 +403,17 @@ def main() -> None:
                             + markdown_table(["requests", "failed", "answered by a version never "
                                               "active during the request"],
                                              [[s["requests"], s["failed"], s["wrong_version"]]]))
+        recovery: list[list[object]] = []
+        if "distributed" in only:
+            recovery += distributed(work, args.rounds)
+        if "postgres" in only:
+            recovery += postgres_freeze(work, args.rounds)
+        if recovery:
+            sections.append("### Recovery after losing Redis, a worker or Postgres\n\n"
+                            "One replica (plus one Celery worker in distributed mode). Failed "
+                            "/predict calls are counted from one client during the fault.\n\n"
+                            + markdown_table(["fault", "round", "recovery", "failed /predict"],
+                                             recovery))
     if not args.no_write:
         write_section("reliability", "## Reliability under faults (bench/reliability.py)\n\n"
                       f"Machine: {machine_info()}\n\n" + "\n\n".join(sections))
