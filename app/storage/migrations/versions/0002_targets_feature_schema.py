@@ -23,27 +23,12 @@ import sqlalchemy as sa
 from alembic import op
 from alembic.operations import BatchOperations
 
+from app.storage.migrations.sqlite_sequence import keep_sqlite_sequence
+
 revision = "0002_targets_feature_schema"
 down_revision = "0001_baseline"
 branch_labels = None
 depends_on = None
-
-@contextmanager
-def keep_sqlite_sequence(table: str) -> Iterator[None]:
-    """Restore the table's AUTOINCREMENT high-water mark after batch mode recreated it."""
-    bind = op.get_bind()
-    if bind.dialect.name != "sqlite":
-        yield
-        return
-    query = sa.text("SELECT seq FROM sqlite_sequence WHERE name = :t")
-    before = bind.execute(query, {"t": table}).scalar()
-    yield
-    after = bind.execute(query, {"t": table}).scalar()
-    if before is None or (after is not None and after >= before):
-        return
-    params = {"t": table, "s": before}
-    bind.execute(sa.text("DELETE FROM sqlite_sequence WHERE name = :t"), params)
-    bind.execute(sa.text("INSERT INTO sqlite_sequence (name, seq) VALUES (:t, :s)"), params)
 
 
 @contextmanager

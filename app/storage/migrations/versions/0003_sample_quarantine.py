@@ -20,11 +20,11 @@ starts empty on SQLite and is one scan on PostgreSQL).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import sqlalchemy as sa
 from alembic import op
+
+from app.storage.migrations.sqlite_sequence import keep_sqlite_sequence
 
 revision = "0003_sample_quarantine"
 down_revision = "0002_targets_feature_schema"
@@ -54,27 +54,6 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text(), nullable=True),
         sqlite_autoincrement=True,
     )
-
-
-@contextmanager
-def keep_sqlite_sequence(table: str) -> Iterator[None]:
-    """Restore the table's AUTOINCREMENT high-water mark after batch mode recreated it.
-
-    A copy of 0002's helper: a revision must not import another revision's module.
-    """
-    bind = op.get_bind()
-    if bind.dialect.name != "sqlite":
-        yield
-        return
-    query = sa.text("SELECT seq FROM sqlite_sequence WHERE name = :t")
-    before = bind.execute(query, {"t": table}).scalar()
-    yield
-    after = bind.execute(query, {"t": table}).scalar()
-    if before is None or (after is not None and after >= before):
-        return
-    params = {"t": table, "s": before}
-    bind.execute(sa.text("DELETE FROM sqlite_sequence WHERE name = :t"), params)
-    bind.execute(sa.text("INSERT INTO sqlite_sequence (name, seq) VALUES (:t, :s)"), params)
 
 
 def downgrade() -> None:
