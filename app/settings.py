@@ -126,7 +126,16 @@ class Settings(BaseSettings):
                             "ingest: refuse) | reject (refuse everywhere)")
 
     # ---- retraining ------------------------------------------------------------------------
-    retrain_epochs: int = Field(20, ge=1)
+    retrain_epochs: int = Field(20, ge=1, description="full retrains: at most this many epochs "
+                                                      "(qk has none: a feature pass and a readout refit)")
+    retrain_qk_readout_iters: int = Field(
+        20, ge=1, description="qk retrains: at most this many L-BFGS iterations of the readout refit")
+    retrain_drift_min_new: int = Field(
+        100, ge=1, description="mode=auto: fewer new samples since the selector was trained are "
+                               "too few to judge drift (app/core/drift.py); volume still counts")
+    retrain_worker_ttl_s: float = Field(
+        30.0, gt=1, description="distributed: a worker counts as online while its heartbeat (every "
+                                "ttl/3 s) is younger than this; a stopped worker leaves at once")
     retrain_batch_size: int = Field(128, ge=1)
     retrain_lr: float = Field(1e-3, gt=0)
     retrain_patience: int = Field(5, ge=1)

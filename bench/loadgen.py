@@ -76,10 +76,10 @@ class _Conn(asyncio.Protocol):
             head = bytes(self.buf[:end]).lower()
             self.status = int(head[9:12])
             length = 0
-            i = head.find(b"content-length:")
+            i = head.find(b"\r\ncontent-length:")  # at a line start: not inference-header-content-length
             if i >= 0:
-                j = head.find(b"\r\n", i)
-                length = int(head[i + 15:j if j > 0 else len(head)])
+                j = head.find(b"\r\n", i + 2)
+                length = int(head[i + 17:j if j > 0 else len(head)])
             self.header_end = end + 4
             self.need = self.header_end + length
         if len(self.buf) >= self.need:

@@ -6,13 +6,19 @@
   CUDA (it only forks), each retrain gets a fresh child with a clean CUDA context.
 - broker visibility_timeout above the hard time limit, or Redis would redeliver a task
   that is still running.
+- a heartbeat per worker in Redis (``app.serving.worker_presence``), started when the worker
+  is ready and removed when it shuts down: ``POST /retrain`` answers 503 when no worker
+  consumes the queue instead of queueing a job nobody will run.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any
 
-from app.distributed import GPU_QUEUE, RETRAIN_TASK
+from celery import Celery, signals
+
+from app.distributed import GPU_QUEUE, RETRAIN_TASK, redis_client
+from app.serving.worker_presence import Heartbeat
 from app.settings import get_settings
 
 
@@ -46,3 +52,24 @@ def make_celery() -> Celery:
 
 
 celery_app = make_celery()
+
+
+_heartbeat: Heartbeat | None = None
+
+
+@signals.worker_ready.connect
+def _announce(sender: Any, **_kwargs: Any) -> None:
+    """In the worker's main process (it forks the pool; a busy worker still beats)."""
+    global _heartbeat
+    settings = get_settings()
+    if not settings.redis_url:
+        return
+    queues = sorted(sender.app.amqp.queues.consume_from)
+    _heartbeat = Heartbeat(redis_client(settings.redis_url), queues, sender.hostname,
+                           settings.retrain_worker_ttl_s).start()
+
+
+@signals.worker_shutdown.connect
+def _leave(**_kwargs: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()

@@ -1,4 +1,9 @@
-"""/retrain, /retrain/{job_id}, /models, /models/{version}/activate."""
+"""/retrain, /retrain/{job_id}, /models, /models/{version}/activate.
+
+``POST /retrain`` first asks whether anything lies beyond the active version's data watermark
+(``app.serving.retrain_plan``): nothing → 200 ``skipped``, no job, no version, unless
+``force``. ``mode`` defaults to ``auto`` (the drift rule picks qk or full when the job runs).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ from app.api.state import RETRY_AFTER, get_state, require_api_key, store_unavail
 from app.core.spec import ArchSpec
 from app.distributed import publish_activated, redis_client
 from app.serving.models import public_schema, schema_of
+from app.serving.retrain_plan import plan_retrain
 from app.serving.runner import RetrainInProgress, RetrainQueueUnavailable
-from app.storage import UnknownVersion, VersionRecord
+from app.storage import JobRecord, UnknownVersion, VersionRecord
+from app.storage.store import utcnow
 
 log = logging.getLogger("skqk.api")
 router = APIRouter()
@@ -27,7 +34,15 @@ router = APIRouter()
 async def retrain(request: Request) -> Response:
     st = get_state(request)
     body = await request.body()
-    mode = parse_body(RetrainRequest, body).mode if body.strip() else "qk"
+    req = parse_body(RetrainRequest, body) if body.strip() else RetrainRequest()
+    mode = req.mode
+    if not req.force:
+        try:
+            plan = await run_in_threadpool(plan_retrain, st.store)
+        except DBAPIError as exc:
+            raise store_unavailable(exc) from None
+        if plan.nothing_new:
+            return FastJSONResponse(plan.skipped())
     try:
         job_id = await run_in_threadpool(st.runner.submit, mode)
     except RetrainInProgress as exc:
@@ -46,7 +61,16 @@ async def retrain_status(job_id: str, request: Request) -> Response:
     job = await run_in_threadpool(st.runner.status, job_id)
     if job is None:
         raise ApiError(404, f"job_id: no retrain job {job_id!r}")
-    return FastJSONResponse(job.to_dict())
+    online = await run_in_threadpool(st.runner.workers_online)
+    return FastJSONResponse({**job.to_dict(), "queued_for_s": queued_for_s(job), "workers_online": online})
+
+
+def queued_for_s(job: JobRecord) -> float | None:
+    """How long the job waited for a runner: until it started (or ended unstarted), else so far."""
+    if job.created_at is None:
+        return None
+    until = job.started_at or job.finished_at or utcnow()
+    return round(max((until - job.created_at).total_seconds(), 0.0), 3)
 
 
 @router.post("/retrain/{job_id}/cancel", dependencies=[Depends(require_api_key)])

@@ -20,6 +20,20 @@ from app.api.rows import parse_rows, schema_error, values_to_float32
 from app.api.schemas import PredictRequest, V2InferRequest, V2Tensor
 from app.api.state import AppState, check_float32, get_state, require_predict_key, store_unavailable
 from app.api.strict_json import may_have_duplicate_keys
+from app.api.v2_binary import (
+    BinaryAnswer,
+    binary_outputs,
+    encode_answer,
+    fp32_bytes,
+    fp32_values,
+    header_length,
+    input_bytes,
+    int64_bytes,
+    json_part_name,
+    missing_header_hint,
+    names_bytes,
+    split_body,
+)
 from app.core.features import FeatureSchema, SchemaError
 from app.serving.batcher import InferenceResult
 from app.serving.holder import LoadedModel
@@ -109,7 +123,8 @@ async def predict(request: Request) -> Response:
 # ---- Open Inference Protocol v2 --------------------------------------------------------------
 @router.get("/v2")
 async def v2_server_metadata() -> Response:
-    return FastJSONResponse({"name": "skqk-serve", "version": _server_version(), "extensions": []})
+    return FastJSONResponse({"name": "skqk-serve", "version": _server_version(),
+                             "extensions": ["binary_tensor_data"]})
 
 
 @router.get("/v2/health/live")
@@ -193,6 +208,47 @@ async def v2_model_ready(name: str, request: Request) -> Response:
     return FastJSONResponse({"name": name, "ready": True, "version": str(loaded.version)})
 
 
+async def _loaded_version(st: AppState, name: str, version: str) -> LoadedModel:
+    """A stored version, loaded (or from the holder's cache): 404 unknown, 503 store down."""
+    v = _parse_version(version)
+    try:
+        return await run_in_threadpool(st.holder.get_version, v)
+    except UnknownVersion:
+        raise ApiError(404, f"model {name!r} version {v} not found") from None
+    except DBAPIError as exc:  # a version not cached needs the store
+        raise store_unavailable(exc) from None
+
+
+@router.get("/v2/models/{name}/versions/{version}")
+async def v2_version_metadata(name: str, version: str, request: Request) -> Response:
+    st = get_state(request)
+    _check_name(st, name)
+    loaded = await _loaded_version(st, name, version)
+    active = st.holder.current
+    return FastJSONResponse({"name": name, "versions": [str(loaded.version)], "platform": "pytorch",
+                             "active_version": str(active.version) if active else None,
+                             **_tensor_metadata(loaded)})
+
+
+@router.get("/v2/models/{name}/versions/{version}/ready")
+async def v2_version_ready(name: str, version: str, request: Request) -> Response:
+    """Ready = this replica can answer ``/versions/{version}/infer`` (the version loads)."""
+    st = get_state(request)
+    _check_name(st, name)
+    try:
+        loaded = await _loaded_version(st, name, version)
+    except ApiError as exc:
+        if exc.status != 503:
+            raise
+        return FastJSONResponse({"name": name, "ready": False, "version": version, "error": exc.message},
+                                status_code=503, headers={"Retry-After": "1"})
+    except Exception as exc:  # stored but unloadable (bad weights): not ready, never a 500
+        return FastJSONResponse({"name": name, "ready": False, "version": version,
+                                 "error": f"version failed to load ({type(exc).__name__})"},
+                                status_code=503)
+    return FastJSONResponse({"name": name, "ready": True, "version": str(loaded.version)})
+
+
 def _flatten(data: list[Any], where: str, out: list[float]) -> None:
     for i, v in enumerate(data):
         t = type(v)
@@ -204,15 +260,21 @@ def _flatten(data: list[Any], where: str, out: list[float]) -> None:
             raise ApiError(422, f"{where}[{i}]: expected a number, got {type(v).__name__}")
 
 
-def _v2_input(req: V2InferRequest, loaded: LoadedModel) -> np.ndarray:
+Raw = list[memoryview | None]  # per input: its binary tensor data, or None (JSON ``data``)
+
+
+def _v2_input(req: V2InferRequest, loaded: LoadedModel, raw: Raw) -> np.ndarray:
     """One ``input`` tensor ([N, D], [N, *input_shape]), or one tensor per feature name."""
     tensors, schema = req.inputs, loaded.schema
     if not tensors:
         raise ApiError(422, "inputs: exactly one input tensor expected, got 0 "
                             "(or one [N] tensor per feature, named by feature)")
     if len(tensors) == 1 and tensors[0].name not in schema.feature_names:
-        return _whole_input(tensors[0], loaded)
-    return _feature_tensors(tensors, schema)
+        return _whole_input(tensors[0], loaded, raw[0])
+    return _feature_tensors(tensors, schema, raw)
+
+
+_NUMBER_TYPES = {float, int}  # exact types: bool must not pass
 
 
 def _check_fp32(tensor: V2Tensor, i: int) -> None:
@@ -221,18 +283,22 @@ def _check_fp32(tensor: V2Tensor, i: int) -> None:
 
 
 def _flat_data(tensor: V2Tensor, i: int, expected: int) -> list[Any]:
-    if all(type(v) is float or type(v) is int for v in tensor.data):
-        flat = tensor.data
+    data = tensor.data
+    if data is None:
+        raise ApiError(422, f"inputs[{i}].data: Field required (or binary tensor data: "
+                            "parameters.binary_data_size)")
+    if set(map(type, data)) <= _NUMBER_TYPES:  # one C-level pass: the flat list of numbers
+        flat = data
     else:
         flat = []
-        _flatten(tensor.data, f"inputs[{i}].data", flat)
+        _flatten(data, f"inputs[{i}].data", flat)
     if len(flat) != expected:
         raise ApiError(422, f"inputs[{i}].data: shape {tensor.shape} needs {expected} values, "
                             f"got {len(flat)}")
     return flat
 
 
-def _whole_input(tensor: V2Tensor, loaded: LoadedModel) -> np.ndarray:
+def _whole_input(tensor: V2Tensor, loaded: LoadedModel, raw: memoryview | None) -> np.ndarray:
     _check_fp32(tensor, 0)
     shape = tensor.shape
     if not shape:
@@ -245,6 +311,8 @@ def _whole_input(tensor: V2Tensor, loaded: LoadedModel) -> np.ndarray:
                             f"the model takes {dim} (shape [N, {dim}]{alt}, or one tensor per feature)")
     if rows == 0:
         raise ApiError(422, "inputs[0].shape: needs at least one row")
+    if raw is not None:  # binary: already float32, only NaN/inf to refuse
+        return fp32_values(raw, tensor, 0).reshape(rows, width)
     try:
         x = np.asarray(_flat_data(tensor, 0, math.prod(shape)), dtype=np.float64)
     except OverflowError:  # an integer beyond float64 (e.g. 400 digits): a client error
@@ -257,17 +325,17 @@ def _whole_input(tensor: V2Tensor, loaded: LoadedModel) -> np.ndarray:
     return check_float32(x32.reshape(rows, width), "inputs[0].data")
 
 
-def _feature_column(tensor: V2Tensor, i: int) -> list[Any]:
-    """A per-feature tensor, shape [N] or [N, 1] → its N values."""
+def _feature_column(tensor: V2Tensor, i: int, raw: memoryview | None) -> list[Any] | np.ndarray:
+    """A per-feature tensor, shape [N] or [N, 1] → its N values (float32 when binary)."""
     _check_fp32(tensor, i)
     shape = tensor.shape
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] == 0:
         raise ApiError(422, f"inputs[{i}].shape: feature tensor {tensor.name!r} must have shape [N] or "
                             f"[N, 1] with N >= 1, got {shape}")
-    return _flat_data(tensor, i, shape[0])
+    return _flat_data(tensor, i, shape[0]) if raw is None else fp32_values(raw, tensor, i)
 
 
-def _feature_tensors(tensors: list[V2Tensor], schema: FeatureSchema) -> np.ndarray:
+def _feature_tensors(tensors: list[V2Tensor], schema: FeatureSchema, raw: Raw) -> np.ndarray:
     """Named features: one tensor per feature name, all with the same number of rows."""
     by_name: dict[str, int] = {}
     for i, t in enumerate(tensors):
@@ -279,11 +347,14 @@ def _feature_tensors(tensors: list[V2Tensor], schema: FeatureSchema) -> np.ndarr
         order: list[int] = schema.row_from_object(by_name, "inputs")
     except SchemaError as exc:
         raise schema_error(exc) from None
-    columns = [_feature_column(tensors[i], i) for i in order]
+    columns = [_feature_column(tensors[i], i, raw[i]) for i in order]
     n = len(columns[0])
     for i, col in zip(order, columns, strict=True):
         if len(col) != n:
             raise ApiError(422, f"inputs[{i}].shape: {len(col)} rows, but inputs[{order[0]}] has {n}")
+    if all(type(col) is np.ndarray for col in columns):  # all binary: checked already
+        return np.column_stack(columns)
+    columns = [col.tolist() if type(col) is np.ndarray else col for col in columns]
     rows = [list(r) for r in zip(*columns, strict=True)]
     return values_to_float32(rows, lambda r, c: f"inputs[{order[c]}].data[{r}]")
 
@@ -292,57 +363,83 @@ def _v2_row(i: int) -> str:
     return f"inputs (row {i})"
 
 
-def _v2_outputs(schema: FeatureSchema, result: InferenceResult) -> dict[str, dict[str, Any]]:
-    out = result.outputs
+def _v2_output(schema: FeatureSchema, result: InferenceResult, name: str,
+               binary: bool) -> tuple[dict[str, Any], bytes | None]:
+    """One answered output: its JSON entry, and its bytes when it goes as binary tensor data."""
+    out, idx = result.outputs, result.predictions
     n = out.shape[0]
-    if schema.is_regression:
-        return {"predictions": {"name": "predictions", "shape": [n, out.shape[1]], "datatype": "FP32",
-                                "data": out.reshape(-1)}}
-    idx = result.predictions
-    predictions = ({"datatype": "INT64", "data": idx} if schema.class_names is None
-                   else {"datatype": "BYTES", "data": schema.class_labels(idx)})
-    return {"logits": {"name": "logits", "shape": [n, out.shape[1]], "datatype": "FP32",
-                       "data": out.reshape(-1)},
-            "predictions": {"name": "predictions", "shape": [n], **predictions},
-            "prediction_indices": {"name": "prediction_indices", "shape": [n], "datatype": "INT64",
-                                   "data": idx}}
+    if name == "logits" or schema.is_regression:  # regression: "predictions" are the outputs
+        entry: dict[str, Any] = {"name": name, "shape": [n, out.shape[1]], "datatype": "FP32"}
+        values: Any = out.reshape(-1)
+        blob = fp32_bytes(values) if binary else None
+    elif name == "prediction_indices" or schema.class_names is None:
+        entry = {"name": name, "shape": [n], "datatype": "INT64"}
+        values = idx
+        blob = int64_bytes(idx) if binary else None
+    else:
+        entry = {"name": name, "shape": [n], "datatype": "BYTES"}
+        values = None if binary else schema.class_labels(idx)
+        blob = names_bytes(schema.class_names, idx) if binary else None
+    if blob is None:
+        entry["data"] = values
+    else:
+        entry["parameters"] = {"binary_data_size": len(blob)}
+    return entry, blob
 
 
-async def v2_infer_payload(st: AppState, body: bytes, name: str, version: str | None) -> dict[str, Any]:
-    """POST /v2/models/{name}[/versions/{v}]/infer (raises ApiError for client errors)."""
+async def v2_infer_payload(st: AppState, body: bytes, name: str, version: str | None,
+                           header: str | bytes | None = None) -> dict[str, Any] | BinaryAnswer:
+    """POST /v2/models/{name}[/versions/{v}]/infer (raises ApiError for client errors).
+
+    ``header``: the Inference-Header-Content-Length value, if sent (binary tensor data).
+    """
     _check_name(st, name)
-    req = parse_body(V2InferRequest, body)
+    length = header_length(header, len(body))
+    head, rest = split_body(body, length)
+    try:
+        req = parse_body(V2InferRequest, head, json_part_name(length))
+    except ApiError as exc:
+        raise missing_header_hint(exc, body, length) from None
+    raw = input_bytes(req, rest, length)
     if version is None:
         loaded = st.require_model()
     else:
-        v = _parse_version(version)
-        try:
-            loaded = await run_in_threadpool(st.holder.get_version, v)
-        except UnknownVersion:
-            raise ApiError(404, f"model {name!r} version {v} not found") from None
-        except DBAPIError as exc:  # a version not cached needs the store
-            raise store_unavailable(exc) from None
+        loaded = await _loaded_version(st, name, version)
     names = output_names(loaded.schema)
     wanted = [o.name for o in req.outputs] if req.outputs else list(names)
     for i, out_name in enumerate(wanted):
         if out_name not in names:
             raise ApiError(422, f"outputs[{i}].name: unknown output {out_name!r}; have {list(names)}")
-    x = _v2_input(req, loaded)
+    binary = binary_outputs(req, len(wanted))
+    x = _v2_input(req, loaded, raw)
     st.check_ranges(loaded.schema, x, "v2", _v2_row, refuse=False)
     result = await st.infer(x, loaded)  # pinned: the schema that parsed the rows formats the answer
     check_finite_outputs(result.outputs, lambda r: f"inputs (row {r})")
-    tensors = _v2_outputs(loaded.schema, result)
-    return {"model_name": name, "model_version": str(result.version),
-            "id": req.id if req.id is not None else uuid.uuid4().hex,
-            "outputs": [tensors[w] for w in wanted]}
+    answer = {"model_name": name, "model_version": str(result.version),
+              "id": req.id if req.id is not None else uuid.uuid4().hex}
+    if not any(binary):  # all JSON: the usual answer
+        answer["outputs"] = [_v2_output(loaded.schema, result, w, False)[0] for w in wanted]
+        return answer
+    answered = [_v2_output(loaded.schema, result, w, b) for w, b in zip(wanted, binary, strict=True)]
+    answer["outputs"] = [entry for entry, _ in answered]
+    return BinaryAnswer(answer, [blob for _, blob in answered if blob is not None])
+
+
+async def _v2_response(request: Request, name: str, version: str | None) -> Response:
+    payload = await v2_infer_payload(get_state(request), await request.body(), name, version,
+                                     request.headers.get("inference-header-content-length"))
+    body, headers = encode_answer(payload)
+    response = Response(body, media_type=headers[0][1].decode())  # Content-Length, then the type
+    response.raw_headers.extend(headers[1:])  # Inference-Header-Content-Length, when binary
+    return response
 
 
 @router.post("/v2/models/{name}/infer", dependencies=[Depends(require_predict_key)])
 async def v2_infer(name: str, request: Request) -> Response:
-    return FastJSONResponse(await v2_infer_payload(get_state(request), await request.body(), name, None))
+    return await _v2_response(request, name, None)
 
 
 @router.post("/v2/models/{name}/versions/{version}/infer",
              dependencies=[Depends(require_predict_key)])
 async def v2_infer_version(name: str, version: str, request: Request) -> Response:
-    return FastJSONResponse(await v2_infer_payload(get_state(request), await request.body(), name, version))
+    return await _v2_response(request, name, version)

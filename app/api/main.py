@@ -33,6 +33,8 @@ from app.distributed import ActivationSubscriber
 from app.serving.batcher import Batcher
 from app.serving.holder import ModelHolder
 from app.serving.metrics import ServingMetrics
+from app.serving.retrain_plan import METRIC_CAP, plan_retrain
+from app.serving.retrain_stats import retrain_stats
 from app.serving.runner import build_runner
 from app.settings import Settings, get_settings, resolve_api_key
 from app.storage import JobRecord, Store
@@ -99,6 +101,10 @@ def _store_gauges(st: AppState) -> None:
             latest = st.store.list_jobs(("succeeded",), 1)
             if latest:
                 metrics.set_drift((latest[0].result or {}).get("drift"))
+        # So do the retrain gauges (jobs, last success/failure, duration, queue wait, backlog).
+        with contextlib.suppress(Exception):
+            metrics.set_retrain_stats(retrain_stats(st.store))
+            metrics.retrain_new_samples.set(plan_retrain(st.store, cap=METRIC_CAP).new_samples)
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> SkqkApp:

@@ -3,7 +3,10 @@
 - request latency histogram per route template + status, in-flight gauge;
 - bodies over ``max_body_bytes`` get 413 before anything is parsed: from Content-Length
   when present, else while buffering a chunked body;
-- a POST with a body must be ``application/json`` (415 otherwise);
+- a POST with a body must be ``application/json`` (415 otherwise), except on the v2 infer
+  routes, which also take ``application/octet-stream`` (binary tensor data) and no
+  Content-Type at all (what Triton's own client sends; Triton accepts it); a compressed
+  body (``Content-Encoding`` other than identity) is a 415 too: nothing here decompresses;
 - the body is read here and replayed to the app: it must arrive within ``body_timeout_s``
   (else 408, connection closed), and bodies over 64 KiB first reserve their size from the
   process's budget of in-flight body bytes (``BodyBudget``): one that does not fit in time
@@ -23,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.body_budget import BodyBudget
 from app.api.errors import error_response
+from app.api.v2_binary import OCTET_STREAM, is_v2_infer
 from app.serving.metrics import ServingMetrics
 from app.settings import Settings
 from app.storage.guard import set_call_timeout
@@ -35,6 +39,18 @@ CLOSE = {"Connection": "close"}
 def _is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _content_type_refusal(path: str, content_type: str | None) -> Refusal | None:
+    """415 unless the body's type suits the route (called only for a type that is not JSON)."""
+    if is_v2_infer(path):  # the Open Inference Protocol's clients
+        if content_type is None or content_type.split(";", 1)[0].strip().lower() == OCTET_STREAM:
+            return None
+        return Refusal(415, "Content-Type must be application/json (or application/octet-stream with "
+                            f"binary tensor data, or none); got {content_type!r}")
+    # elsewhere strictly JSON: a body without a type is what a cross-site form or fetch can send
+    got = repr(content_type) if content_type is not None else "none"
+    return Refusal(415, f"Content-Type must be application/json; got {got}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,7 @@ class ServingMiddleware:
         """Check the headers, reserve, read the whole body in time: (replaying receive, bytes held)."""
         content_length: int | None = None
         content_type: str | None = None
+        encoding: bytes | None = None
         chunked = False
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -119,14 +136,20 @@ class ServingMiddleware:
                 content_type = value.decode("latin-1")
             elif name == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
+            elif name == b"content-encoding":
+                encoding = value
         limit = self.max_body_bytes
         if content_length is not None and content_length > limit:
             return Refusal(413, f"request body of {content_length} bytes exceeds the limit of {limit} "
                                 "bytes (SKQK_MAX_BODY_BYTES)", CLOSE)
         has_body = (content_length or 0) > 0 or chunked
         if has_body and (content_type is None or not _is_json(content_type)):
-            got = repr(content_type) if content_type is not None else "none"
-            return Refusal(415, f"Content-Type must be application/json; got {got}")
+            refused = _content_type_refusal(scope["path"], content_type)
+            if refused is not None:
+                return refused
+        if has_body and encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+            return Refusal(415, f"Content-Encoding {encoding.decode('latin-1')[:40]!r} is not supported; "
+                                "send the body uncompressed")
         if not has_body:
             return receive, 0
         held = [0]  # bytes reserved for this body so far

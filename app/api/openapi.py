@@ -40,6 +40,7 @@ from app.api.schemas import (
     RetrainAccepted,
     RetrainJob,
     RetrainRequest,
+    RetrainSkipped,
     SampleCount,
     StoreHealth,
     V2InferRequest,
@@ -50,6 +51,8 @@ from app.api.schemas import (
     V2Ready,
     V2ServerMetadata,
 )
+from app.api.v2_binary import HEADER as V2_HEADER
+from app.api.v2_binary import document_binary
 from app.settings import Settings
 
 SECURITY_SCHEME = "ApiKeyAuth"
@@ -92,6 +95,13 @@ ERROR_TEXT = {
 }
 BODY_ERRORS = (400, 408, 413, 415, 422)  # every route that reads a JSON body
 RETRY_AFTER = {503: {"Retry-After": "seconds to wait before retrying"}}
+# v2 infer also speaks the binary tensor data extension (app/api/v2_binary.py adds its media types)
+V2_NOTES = {200: f"success; application/octet-stream with {V2_HEADER} when an output was asked for as "
+                 "binary tensor data",
+            400: f"{ERROR_TEXT[400]}; binary tensor data framed wrongly ({V2_HEADER}, "
+                 "parameters.binary_data_size)",
+            415: "Content-Type is neither application/json nor application/octet-stream (none is fine)"}
+V2_BINARY = {("POST", "/v2/models/{name}/infer"), ("POST", "/v2/models/{name}/versions/{version}/infer")}
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
     # ---- inference
@@ -102,10 +112,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/v2/health/ready"): Operation({200: V2Ready, 503: V2Ready}),
     ("GET", "/v2/models/{name}"): Operation({200: V2ModelMetadata}, (404, 503)),
     ("GET", "/v2/models/{name}/ready"): Operation({200: V2ModelReady, 503: V2ModelReady}, (404,)),
+    ("GET", "/v2/models/{name}/versions/{version}"): Operation({200: V2ModelMetadata}, (404, 503)),
+    ("GET", "/v2/models/{name}/versions/{version}/ready"): Operation(
+        {200: V2ModelReady, 503: V2ModelReady}, (404,)),
     ("POST", "/v2/models/{name}/infer"): Operation(
-        {200: V2InferResponse}, (*BODY_ERRORS, 404, 503), V2InferRequest, scope="predict"),
+        {200: V2InferResponse}, (*BODY_ERRORS, 404, 503), V2InferRequest, scope="predict", notes=V2_NOTES),
     ("POST", "/v2/models/{name}/versions/{version}/infer"): Operation(
-        {200: V2InferResponse}, (*BODY_ERRORS, 404, 503), V2InferRequest, scope="predict"),
+        {200: V2InferResponse}, (*BODY_ERRORS, 404, 503), V2InferRequest, scope="predict", notes=V2_NOTES),
     # ---- data
     ("POST", "/ingest"): Operation(
         {200: IngestResponse}, (*BODY_ERRORS, 409, 503), IngestRequest, scope="ingest",
@@ -113,8 +126,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/samples/count"): Operation({200: SampleCount}, (503,)),
     # ---- admin
     ("POST", "/retrain"): Operation(
-        {202: RetrainAccepted}, (*BODY_ERRORS, 409, 503), RetrainRequest, body_required=False,
-        scope="admin", notes={409: "a retrain is already running (its job_id is in the body)"},
+        {200: RetrainSkipped, 202: RetrainAccepted}, (*BODY_ERRORS, 409, 503), RetrainRequest,
+        body_required=False, scope="admin",
+        notes={200: "nothing new since the active version's data watermark and no force: no job, "
+                    "no version",
+               202: "a job was queued",
+               409: "a retrain is already running (its job_id is in the body)",
+               503: "no worker consumes the retrain queue (distributed; the message names it), Redis "
+                    "or the store unavailable, or the server shutting down; retry after Retry-After"},
         headers={202: {"Location": "where to poll the job"}}),
     ("GET", "/retrain/{job_id}"): Operation({200: RetrainJob}, (404, 503)),
     ("POST", "/retrain/{job_id}/cancel"): Operation(
@@ -243,6 +262,8 @@ def build_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
             op = OPERATIONS.get((method.upper(), path))
             if op is not None:
                 _apply(doc_op, op, op.scope is not None and enforced[op.scope], schemas)
+            if (method.upper(), path) in V2_BINARY:
+                document_binary(doc_op)
     components["securitySchemes"] = {SECURITY_SCHEME: {
         "type": "apiKey", "in": "header", "name": HEADER,
         "description": "admin key: every scope; ingest / predict keys: their scope only"}}

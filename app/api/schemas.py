@@ -35,6 +35,17 @@ TENSOR_DATA_SCHEMA: dict[str, Any] = {
     "items": {"anyOf": [_NUMBER, {"type": "array"}, {"type": "string"}, {"type": "boolean"}]}}
 
 
+def _optional_array(description: str, extra: dict[str, Any] | None = None) -> Any:
+    """An optional list documented as an array that may be left out (never as null)."""
+
+    def apply(schema: dict[str, Any]) -> None:
+        schema.pop("anyOf", None)
+        schema.pop("default", None)
+        schema.update({"type": "array", **(extra or {}), "description": description})
+
+    return apply
+
+
 # ---- requests -------------------------------------------------------------------------------------
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -56,7 +67,11 @@ class IngestRequest(BaseModel):
 
 
 class RetrainRequest(BaseModel):
-    mode: Literal["qk", "full"] = "qk"
+    mode: Literal["auto", "qk", "full"] = Field(
+        "auto", description="auto (default): the structural-drift rule picks qk or full; qk: the "
+                            "estimator only, structure frozen; full: every weight")
+    force: bool = Field(False, strict=True, description="retrain even when no sample lies beyond the "
+                                                        "active version's data watermark (else 200 skipped)")
 
 
 class ActivateRequest(BaseModel):
@@ -68,20 +83,27 @@ class V2Tensor(BaseModel):
                                   "(one [N] tensor per feature)")
     shape: list[Annotated[int, Field(strict=True, ge=0)]]
     datatype: str = Field(json_schema_extra={"enum": V2_DATATYPES})
-    data: list[Any] = Field(json_schema_extra=TENSOR_DATA_SCHEMA)
-    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = Field(None, json_schema_extra=_optional_array(
+        TENSOR_DATA_SCHEMA["description"] + "; left out when they come as binary tensor data "
+        "(parameters.binary_data_size)", TENSOR_DATA_SCHEMA))
+    parameters: dict[str, Any] | None = Field(
+        None, description='binary tensor data: {"binary_data_size": <bytes>}, the values then follow '
+                          "the JSON part of the body (Inference-Header-Content-Length) instead of data")
 
 
 class V2RequestedOutput(BaseModel):
     name: str
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description='{"binary_data": true}: return this output as binary tensor data')
 
 
 class V2InferRequest(BaseModel):
     id: str | None = None
     inputs: list[V2Tensor]
     outputs: list[V2RequestedOutput] | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description='{"binary_data_output": true}: every output without its own binary_data '
+                          "flag comes back as binary tensor data")
 
 
 # ---- responses ------------------------------------------------------------------------------------
@@ -120,21 +142,34 @@ class SampleCount(BaseModel):
 class RetrainAccepted(BaseModel):
     job_id: str
     status: str
-    mode: Literal["qk", "full"]
+    mode: Literal["auto", "qk", "full"] = Field(description="as requested; the job's result says which ran")
+
+
+class RetrainSkipped(BaseModel):
+    status: Literal["skipped"]
+    reason: str
+    active_version: int | None
+    data_watermark: int | None = Field(description="the active version's: the largest sample id it saw")
+    new_samples: int = Field(description="samples beyond that watermark: 0")
 
 
 class RetrainJob(BaseModel):
     job_id: str
     status: str = Field(description="queued | running | succeeded | failed | cancelled")
-    mode: str
+    mode: str = Field(description="as requested (auto | qk | full); result.mode: the one that ran")
     runner: str
-    progress: dict[str, Any]
+    progress: dict[str, Any] = Field(description="phase (loading, features, refit, training, evaluating, "
+                                                 "registering, done) and the solver's numbers")
     result: dict[str, Any]
     error: str | None
     created_at: str | None
     started_at: str | None
     finished_at: str | None
     updated_at: str | None = Field(None, description="last write to the job row (the worker's heartbeat)")
+    queued_for_s: float | None = Field(None, description="how long it waited for a runner (still queued: "
+                                                         "so far)")
+    workers_online: int | None = Field(None, description="distributed: workers consuming the retrain "
+                                                         "queue now; null in embedded mode")
 
 
 class CancelResult(BaseModel):
@@ -211,8 +246,11 @@ class V2OutputTensor(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
-    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = Field(None, json_schema_extra=_optional_array(
+        "the values, flat in row-major order; absent when the output is binary tensor data"))
+    parameters: dict[str, Any] | None = Field(
+        None, description='binary tensor data: {"binary_data_size": <bytes>} (the application/octet-stream '
+                          "answer)")
 
 
 class V2InferResponse(BaseModel):

@@ -15,16 +15,48 @@ Signals (all from the selector's binary ReLU patterns; max-pool choices are not 
 * ``far_fraction`` — share of new samples farther from the bank than the 95th percentile of
   the held-out reference samples (≈ 0.05 for the same distribution).
 * ``rate_l1`` — mean absolute difference of per-unit firing rates, new vs reference bank;
-  ``rate_l1_baseline`` the same for the held-out reference sample (the sampling noise floor,
-  same sample sizes), and ``rate_ratio`` their quotient (≈ 1 for the same distribution). The
-  most sensitive of the three to input shifts such as a brightness change.
+  ``rate_l1_baseline`` the same for the held-out reference sample, rescaled to the number of
+  new samples (the sampling noise floor at *their* sample size, see below), and
+  ``rate_ratio`` their quotient (≈ 1 for the same distribution, whatever the number of new
+  samples). The most sensitive of the three to input shifts such as a brightness change.
 * ``volume_ratio`` — number of new samples over number of reference samples.
 
 ``recommend_full`` applies :class:`DriftThresholds` (calibrated in docs/EXPERIMENTS.md).
+
+**Few new samples.** The three distribution signals are averages over the new samples, so
+their noise grows as the number of new samples n shrinks, and thresholds calibrated on
+hundreds of rows fire on a trickle by chance alone (one ordinary digits row gave
+``rate_ratio`` 22: a single row's firing "rates" are 0 or 1, and the held-out baseline was
+measured on 512 rows). Two things account for n:
+
+1. the firing-rate baseline is rescaled to n: per unit, ``p̂_new − p̂_bank`` has variance
+   ``p(1−p)·(1/n + 1/n_bank)`` under the same distribution, the held-out difference
+   ``p(1−p)·(1/n_held + 1/n_bank)``, so the held-out mean absolute difference is multiplied
+   by ``sqrt((1/n + 1/n_bank) / (1/n_held + 1/n_bank))`` (the normal approximation:
+   mean |difference| is proportional to its standard deviation). Without it, the
+   same-distribution ``rate_ratio`` averaged 11.7 at n = 1, 6.3 at n = 10 and 2.0 at
+   n = 100 in the measurement below; with it, 0.7–1.1 at every n. The price is honest: a
+   small sample needs a stronger shift to stand out of its larger noise (brightness +0.3
+   on that 64-64 MLP: 2.95 at 100 rows, 4.5 at 297);
+2. below ``DriftThresholds.min_new_samples`` (default 100) new samples the distribution
+   signals are not judged at all: the report says "not enough new data to judge" and does
+   not recommend ``full`` on them (``judged`` is False). Measured on digits (MLPs 64-64 and
+   256-256 trained on 1,500 rows; same-distribution trickles drawn from the 297 others, 50
+   draws per size and net), with the rescaled baseline: at n = 1 ``nn_ratio`` reached 2.6
+   and ``far_fraction`` 1.0 (one far row is 100 %); at n = 10 ``far_fraction`` reached 0.3
+   (≥ 3 of 10 rows beyond a 5 % quantile: a binomial tail of about 1 %); at n = 50
+   ``nn_ratio`` still reached 1.28 (threshold 1.25). From n = 100 on no draw came near a
+   threshold (maxima: ``rate_ratio`` 1.41, ``nn_ratio`` 1.21, ``far_fraction`` 0.10), while
+   shifted inputs still trip them (tests/core/test_drift.py). 100 rows is small next to what
+   a retrain needs anyway, and new samples are counted since the selector was trained, so
+   they accumulate across QK retrains: a trickle is judged once 100 rows have arrived.
+
+``volume_ratio`` is an exact count, not an estimate, so it is applied whatever n is.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,16 +76,31 @@ class DriftThresholds:
     nn_ratio: float = 1.25
     far_fraction: float = 0.25
     volume_ratio: float = 0.3
+    min_new_samples: int = 100  # fewer: the distribution signals are not judged (module doc)
 
-    def decide(self, signals: dict[str, float]) -> tuple[bool, str]:
-        """(recommend_full, reason) for a dict holding the four signals named like the fields."""
-        reasons = [f"{name} {signals[name]:.2f} > {limit}"
-                   for name, limit in (("rate_ratio", self.rate_ratio), ("nn_ratio", self.nn_ratio),
-                                       ("far_fraction", self.far_fraction),
-                                       ("volume_ratio", self.volume_ratio))
+    def judged(self, n_new: int) -> bool:
+        """Are ``n_new`` new samples enough to judge the distribution signals?"""
+        return n_new >= self.min_new_samples
+
+    def decide(self, signals: dict[str, float], n_new: int | None = None) -> tuple[bool, str]:
+        """(recommend_full, reason) for a dict holding the four signals named like the fields.
+
+        ``n_new``: how many new samples the signals were measured on; below
+        ``min_new_samples`` only ``volume_ratio`` (an exact count) can recommend ``full``.
+        """
+        judged = n_new is None or self.judged(n_new)
+        limits = [("volume_ratio", self.volume_ratio)]
+        if judged:
+            limits = [("rate_ratio", self.rate_ratio), ("nn_ratio", self.nn_ratio),
+                      ("far_fraction", self.far_fraction), *limits]
+        reasons = [f"{name} {signals[name]:.2f} > {limit}" for name, limit in limits
                    if signals[name] > limit]
         if reasons:
             return True, "; ".join(reasons)
+        if not judged:
+            return False, (f"not enough new data to judge drift: {n_new} new samples < "
+                           f"{self.min_new_samples} (min_new_samples); volume_ratio "
+                           f"{signals['volume_ratio']:.2f} <= {self.volume_ratio}: qk")
         return False, "new patterns resemble the reference and the new data is small: qk"
 
 
@@ -71,6 +118,8 @@ class DriftReport:
     n_new: int  # sampled new patterns
     recommend_full: bool
     reason: str
+    n_new_samples: int = 0  # all new samples (n_new is at most query_size of them)
+    judged: bool = True  # False: too few new samples to judge the distribution signals
 
     def to_dict(self) -> dict[str, float | int | bool | str]:
         return asdict(self)
@@ -101,6 +150,18 @@ def nearest_hamming(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 512)
         agree = (q @ b.T).max(dim=1).values  # = G − 2·min Hamming
         out.append((g - agree) / (2 * g))
     return torch.cat(out)
+
+
+def noise_scale(n_new: int, n_held: int, n_bank: int) -> float:
+    """Factor from the held-out firing-rate noise floor to the one at ``n_new`` samples.
+
+    Same distribution: a unit's rate estimate from n rows differs from the bank's by a
+    difference of variance ``p(1−p)·(1/n + 1/n_bank)``; the held-out baseline was measured
+    with n = ``n_held``. The mean absolute difference scales with the standard deviation.
+    """
+    if min(n_new, n_held, n_bank) <= 0:
+        return 1.0
+    return math.sqrt((1 / n_new + 1 / n_bank) / (1 / n_held + 1 / n_bank))
 
 
 def _sample(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -146,13 +207,15 @@ def structural_drift(selector: PathSelector, reference_x: torch.Tensor, new_x: t
     rate_bank, rate_held, rate_new = (p.float().mean(0) for p in (bank, held, new))
     rate_l1 = float((rate_new - rate_bank).abs().mean()) if bank.shape[1] else 0.0
     rate_base = float((rate_held - rate_bank).abs().mean()) if bank.shape[1] else 0.0
+    rate_base *= noise_scale(int(new.shape[0]), int(held.shape[0]), int(bank.shape[0]))
     rate_ratio = rate_l1 / max(rate_base, 1e-6)
     volume = new_x.shape[0] / reference_x.shape[0]
 
+    n_new = int(new.shape[0])
     recommend, reason = thresholds.decide({"rate_ratio": rate_ratio, "nn_ratio": nn_ratio,
-                                           "far_fraction": far, "volume_ratio": volume})
+                                           "far_fraction": far, "volume_ratio": volume}, n_new)
     return DriftReport(nn_hamming=nn_new, nn_hamming_baseline=baseline, nn_ratio=nn_ratio,
                        far_fraction=far, rate_l1=rate_l1, rate_l1_baseline=rate_base,
                        rate_ratio=rate_ratio, volume_ratio=volume, n_reference=int(bank.shape[0]),
-                       n_new=int(new.shape[0]),
-                       recommend_full=recommend, reason=reason)
+                       n_new=n_new, recommend_full=recommend, reason=reason,
+                       n_new_samples=int(new_x.shape[0]), judged=thresholds.judged(n_new))

@@ -87,6 +87,8 @@ def bootstrap_table(store: Store, settings: Settings, table: TrainingTable, arch
     x, y = torch.from_numpy(rows.x), torch.from_numpy(rows.y)
     train, val, holdout = (Split(x[m], y[m]) for m in (masks.train, masks.val, masks.holdout))
 
+    log.info("bootstrap: %d rows stored (%d training, %d validation, %d holdout); training %s for up to "
+             "%d epochs", len(rows), len(train), len(val), len(holdout), arch, cfg.epochs)
     spec = _spec_for(table, arch, train)
     if table.normalize:  # learnt ranges go with learnt normalisation: a user's file
         schema = schema.with_ranges_from(train.x.numpy())
@@ -151,6 +153,19 @@ def _mean_std(a: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
+def epoch_logger(epochs: int, say: Callable[[str], None] | None = None) -> EpochCallback:
+    """One line per training epoch (``skqk serve`` on an empty store: progress, not silence)."""
+    say = say or log.info
+
+    def on_epoch(m: dict[str, Any]) -> None:
+        score = (f"val_acc={m['val_acc']:.4f}" if "val_acc" in m else
+                 f"val_rmse={m.get('val_rmse', float('nan')):.4g}")
+        say(f"bootstrap epoch {m['epoch']}/{epochs}: train_loss={m['train_loss']:.4f} "
+            f"val_loss={m['val_loss']:.4f} {score} ({m.get('seconds', 0.0):.1f}s)")
+
+    return on_epoch
+
+
 def ensure_bootstrapped(store: Store, settings: Settings, on_epoch: EpochCallback | None = None,
                         wait_s: float = 900.0, log_fn: Callable[[str], None] | None = None
                         ) -> int:
@@ -158,6 +173,8 @@ def ensure_bootstrapped(store: Store, settings: Settings, on_epoch: EpochCallbac
 
     Single-flight across processes (a ``bootstrap`` lease in SQL): a second replica
     starting at the same time waits for the first one's version instead of training too.
+    Progress goes to ``log_fn`` (default: this module's logger): what is stored, one line per
+    epoch (unless ``on_epoch`` is given), and the holdout score of version 1 at the end.
     """
     say = log_fn or log.info
     active = store.active_version()
@@ -165,6 +182,7 @@ def ensure_bootstrapped(store: Store, settings: Settings, on_epoch: EpochCallbac
         return active
     holder = f"bootstrap-{time.time_ns()}"
     deadline = time.monotonic() + wait_s
+    waiting = False
     while True:
         if store.try_acquire_lease("bootstrap", holder, ttl_s=wait_s):
             try:
@@ -173,13 +191,22 @@ def ensure_bootstrapped(store: Store, settings: Settings, on_epoch: EpochCallbac
                     return active
                 source = settings.bootstrap_data or settings.bootstrap_dataset
                 say(f"empty store: bootstrapping version 1 on {source} "
-                    f"({settings.bootstrap_arch}, {settings.bootstrap_epochs} epochs)")
-                return bootstrap_version(store, settings, on_epoch=on_epoch).version
+                    f"({settings.bootstrap_arch}, up to {settings.bootstrap_epochs} epochs)")
+                result = bootstrap_version(store, settings,
+                                           on_epoch=on_epoch or epoch_logger(settings.bootstrap_epochs, say))
+                scores = ", ".join(f"{k}={result.metrics[k]:.4f}" for k in
+                                   ("holdout_acc", "holdout_rmse", "holdout_r2") if k in result.metrics)
+                say(f"bootstrap done: version {result.version} active, {scores}, "
+                    f"{result.metrics.get('epochs_run')} epochs in {result.seconds:.1f}s")
+                return result.version
             finally:
                 store.release_lease("bootstrap", holder)
         active = store.active_version()
         if active is not None:
             return active
+        if not waiting:
+            say("another process is bootstrapping version 1: waiting for it")
+            waiting = True
         if time.monotonic() > deadline:
             raise TimeoutError("waited too long for another process to bootstrap the store")
         time.sleep(0.5)

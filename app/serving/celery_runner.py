@@ -5,8 +5,11 @@ single-flight lock (token = job id), and may lose either.
 
 - ``submit`` refuses (409) while the SQL table shows a live job — queued and younger than
   ``SKQK_RETRAIN_QUEUE_TIMEOUT_S``, or running with a heartbeat fresher than
-  ``SKQK_RETRAIN_LEASE_S`` — even when Redis lost the lock; then it takes the Redis lock,
-  writes the row and sends the task. A lock whose token names a finished job is taken over.
+  ``SKQK_RETRAIN_LEASE_S`` — even when Redis lost the lock; refuses (503, naming the queue)
+  when no worker consumes the queue (their heartbeats in Redis,
+  :mod:`app.serving.worker_presence`), rather than queueing a job nobody runs; then it takes
+  the Redis lock, writes the row and sends the task. A lock whose token names a finished job
+  is taken over.
 - A supervisor thread in every API process (:meth:`CeleryRunner.sweep`) fails jobs that
   lost their worker (stale heartbeat, or never started within the queue timeout) and
   re-publishes a queued job whose message no worker started within
@@ -37,6 +40,7 @@ from app.distributed import (
     redis_client,
 )
 from app.serving.runner import RetrainInProgress, RetrainQueueUnavailable, check_mode, new_job_id
+from app.serving.worker_presence import PresenceCache
 from app.settings import Settings
 from app.storage import JobRecord, Store
 from app.storage.store import UNFINISHED_JOB_STATUSES, utcnow
@@ -70,6 +74,7 @@ class CeleryRunner:
         # While queued the lock lives for the queue timeout; the worker shortens it to the lease.
         self.lock = RetrainLock(self.redis, settings.retrain_queue_timeout_s)
         self.celery = producer_app(settings.redis_url)
+        self.presence = PresenceCache(self.redis)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # supervisor passes: a few per interval (one small SELECT each), at most 5 s apart
@@ -83,6 +88,7 @@ class CeleryRunner:
         live = self._live_job(holding_lock=False)  # SQL first: Redis may have lost a live job's lock
         if live is not None:
             raise RetrainInProgress(live.job_id)
+        self._require_worker()
         try:
             if not self._take_lock(job_id):
                 raise RetrainInProgress(self.lock.holder())
@@ -110,6 +116,19 @@ class CeleryRunner:
     def status(self, job_id: str) -> JobRecord | None:
         """The job row as it is: reading never changes a job (its owner decides)."""
         return self.store.get_job(job_id)
+
+    def workers_online(self) -> int | None:
+        """Workers consuming the queue (remembered 2 s: status reads poll); None: Redis is away."""
+        return self.presence.get(GPU_QUEUE)
+
+    def _require_worker(self) -> None:
+        """503 rather than a job that waits out the queue timeout holding the retrain lock."""
+        online = self.presence.get(GPU_QUEUE, fresh=True)
+        if online == 0:  # (None: Redis cannot say; taking the lock next reports that)
+            raise RetrainQueueUnavailable(
+                f"no worker consumes queue {GPU_QUEUE!r}: none has sent a heartbeat within "
+                f"SKQK_RETRAIN_WORKER_TTL_S={self.settings.retrain_worker_ttl_s:g}s; start one "
+                f"(skqk worker --queues {GPU_QUEUE})")
 
     def cancel(self, job_id: str) -> str | None:
         """``cancelled`` at once for a queued job; ``cancelling`` for a running one; else None."""

@@ -6,10 +6,13 @@ one worker per container (the usual deployment).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from app.serving.retrain_stats import RetrainStats
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -57,13 +60,35 @@ class ServingMetrics:
         self.model_holdout = Gauge(
             "skqk_model_holdout", "holdout metrics of the served version (classification: acc, loss; "
             "regression: rmse, mae, r2, loss)", ["metric"], registry=r)
-        self.retrain_jobs = Counter("skqk_retrain_jobs", "retrain jobs by outcome", ["mode", "outcome"],
-                                    registry=r)
+        # retrain gauges: read from the SQL job table when /metrics is scraped, so every
+        # replica exports the same numbers whoever ran the job (app/serving/retrain_stats.py)
+        self.retrain_jobs = Gauge(
+            "skqk_retrain_jobs_total", "retrain jobs in the job table by mode (the one that ran; auto "
+            "while not chosen yet) and outcome (queued|running|promoted|rejected|failed|cancelled); "
+            "only grows, like a counter", ["mode", "outcome"], registry=r)
+        self.retrain_last_success = Gauge(
+            "skqk_retrain_last_success_timestamp_seconds", "when the latest retrain job that ran to the "
+            "end (promoted or rejected by the gate) finished, Unix time; 0: none yet", registry=r)
+        self.retrain_last_failure = Gauge(
+            "skqk_retrain_last_failure_timestamp_seconds", "when the latest failed retrain job ended, Unix "
+            "time; 0: none yet", registry=r)
+        self.retrain_last_duration = Gauge(
+            "skqk_retrain_last_duration_seconds", "running time (start to end) of the latest finished "
+            "retrain job that started", registry=r)
+        self.retrain_last_queue_wait = Gauge(
+            "skqk_retrain_last_queue_wait_seconds", "how long the latest retrain job waited for a runner "
+            "(still queued: so far)", registry=r)
+        self.retrain_new_samples = Gauge(
+            "skqk_retrain_new_samples", "samples beyond the active version's data watermark (what the next "
+            "retrain would add; 0: POST /retrain is skipped); counted up to 100000", registry=r)
         self.structural_drift = Gauge(
             "skqk_structural_drift", "drift of new samples' gate patterns, from the latest finished "
             "retrain (ratios ≈ 1 and far_fraction ≈ 0.05: same distribution)", ["signal"], registry=r)
         self.drift_recommend_full = Gauge(
             "skqk_drift_recommend_full", "1 when the latest retrain's drift says: use mode=full", registry=r)
+        self.drift_judged = Gauge(
+            "skqk_drift_judged", "0 when the latest retrain had too few new samples to judge drift "
+            "(SKQK_RETRAIN_DRIFT_MIN_NEW; the signals above are then noise)", registry=r)
 
     def set_drift(self, drift: dict[str, Any] | None) -> None:
         if not drift:
@@ -71,6 +96,19 @@ class ServingMetrics:
         for signal in DRIFT_SIGNALS:
             self.structural_drift.labels(signal).set(float(drift[signal]))
         self.drift_recommend_full.set(1.0 if drift["recommend_full"] else 0.0)
+        self.drift_judged.set(0.0 if drift.get("judged") is False else 1.0)
+
+    def set_retrain_stats(self, stats: RetrainStats) -> None:
+        """The retrain gauges from one read of the job table (every replica reads the same)."""
+        self.retrain_jobs.clear()  # a (mode, outcome) pair that has gone (queued → running) goes too
+        for (mode, outcome), n in stats.jobs.items():
+            self.retrain_jobs.labels(mode, outcome).set(n)
+        self.retrain_last_success.set(stats.last_success_ts or 0.0)
+        self.retrain_last_failure.set(stats.last_failure_ts or 0.0)
+        if stats.last_duration_s is not None:
+            self.retrain_last_duration.set(stats.last_duration_s)
+        if stats.last_queue_wait_s is not None:
+            self.retrain_last_queue_wait.set(stats.last_queue_wait_s)
 
     def set_model_metrics(self, metrics: dict[str, Any]) -> None:
         """Export the served version's ``holdout_*`` numbers (only the task's own metrics)."""

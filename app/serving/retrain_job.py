@@ -1,6 +1,6 @@
 """One retrain job, as a plain function: the embedded runner and a Celery task both call it.
 
-``run_retrain_job(store, settings, job_id, mode)``:
+``run_retrain_job(store, settings, job_id, mode)``, ``mode`` one of ``auto`` | ``qk`` | ``full``:
 
 1. marks the job ``running`` in the SQL job row and snapshots the data watermark
    (largest sample id) and the active version (the champion);
@@ -8,17 +8,25 @@
    by the stable id rule of :mod:`app.serving.splits` (holdout never trained on); measures
    the structural drift of the samples added since the selector was trained
    (:func:`app.core.drift.structural_drift`: does ``mode=full`` look needed?);
-3. ``qk``: trains only the estimator under the champion's frozen selector
-   (``app.core.training.train_qk``, structure cached once); ``full``: warm-starts a plain
-   ReLU net from the selector and trains every weight; it becomes selector and estimator;
-4. evaluates candidate and champion on the same holdout rows, registers the candidate
+3. ``auto`` becomes ``full`` when that drift recommends it and ``qk`` otherwise (too few new
+   samples to judge, none since the selector was trained, or nothing drifted); the result's
+   ``mode`` says which ran and ``mode_reason`` why;
+4. ``qk``: refits only the estimator under the champion's frozen selector
+   (``app.core.training.train_qk``: a feature pass and a convex readout refit, no epochs);
+   ``full``: warm-starts a plain ReLU net from the selector and trains every weight; it
+   becomes selector and estimator;
+5. evaluates candidate and champion on the same holdout rows, registers the candidate
    (always, with its metrics), and promotes it by compare-and-set on the champion's version
    only if its holdout accuracy trails the champion's by no more than
    ``settings.promotion_tolerance`` (regression: its holdout RMSE is at most the champion's
    × (1 + tolerance)); a candidate with a non-finite metric is never promoted;
-5. writes progress (phase, epoch, losses, val acc) and finally the result into the job row.
+6. writes progress (:mod:`app.serving.solver_progress`: the solver's real phases) and
+   finally the result into the job row.
 
-The function never touches HTTP or Redis; the caller refreshes serving replicas afterwards.
+Whether there is anything new to learn is the caller's question (``app.serving.retrain_plan``,
+asked by ``POST /retrain`` and ``skqk retrain`` before a job exists); a job that runs always
+trains. The function never touches HTTP or Redis; the caller refreshes serving replicas
+afterwards.
 """
 
 from __future__ import annotations
@@ -35,19 +43,21 @@ import torch
 
 from app.core.data import Split
 from app.core.device import pick_device
-from app.core.drift import structural_drift
+from app.core.drift import DriftThresholds, structural_drift
 from app.core.features import FeatureSchema
 from app.core.network import DecoupledModel, Estimator, PathSelector
 from app.core.tasks import evaluate_task, holdout_metrics
-from app.core.training import TrainConfig, TrainingCancelled, train_full, train_qk
+from app.core.training import TrainConfig, TrainingCancelled, TrainResult, train_full, train_qk
 from app.serving.models import load_model, register_model, schema_of
+from app.serving.solver_progress import QKProgress, full_epoch_reporter
 from app.serving.splits import split_masks
 from app.settings import Settings
 from app.storage import Store, VersionRecord
 
 log = logging.getLogger("skqk.retrain")
 
-MODES = ("qk", "full")
+MODES = ("qk", "full")  # what a retrain trains
+REQUEST_MODES = ("auto", *MODES)  # what a caller may ask for; auto: the drift rule picks
 CandidateHook = Callable[[DecoupledModel], None]
 ProgressHook = Callable[[dict[str, Any]], None]
 
@@ -73,7 +83,18 @@ class JobInterrupted(RuntimeError):
 def train_config(settings: Settings, task: str = "classification") -> TrainConfig:
     return TrainConfig(epochs=settings.retrain_epochs, batch_size=settings.retrain_batch_size,
                        lr=settings.retrain_lr, patience=settings.retrain_patience,
-                       seed=settings.retrain_seed, device=settings.device, task=task)
+                       seed=settings.retrain_seed, device=settings.device, task=task,
+                       qk_readout_iters=settings.retrain_qk_readout_iters)
+
+
+def choose_mode(drift: dict[str, Any] | None) -> tuple[str, str]:
+    """``mode=auto``: (the mode to run, why), from the drift of the samples since the selector."""
+    if drift is None:
+        return "qk", ("auto: qk, no drift to measure (no new samples since the selector was "
+                      "trained, or its version records no data watermark)")
+    if drift.get("recommend_full"):
+        return "full", f"auto: full, the drift rule recommends it ({drift['reason']})"
+    return "qk", f"auto: qk ({drift['reason']})"
 
 
 def holdout_eval(model: DecoupledModel, holdout: Split, device: torch.device,
@@ -132,7 +153,7 @@ def selector_origin(store: Store, record: VersionRecord) -> VersionRecord:
 
 
 def selector_drift(store: Store, champion_record: VersionRecord, champion: DecoupledModel,
-                   ids: np.ndarray, x: torch.Tensor) -> dict[str, Any] | None:
+                   ids: np.ndarray, x: torch.Tensor, min_new: int | None = None) -> dict[str, Any] | None:
     """Structural drift of the samples added since the selector was trained (None if none)."""
     origin = selector_origin(store, champion_record)
     watermark = origin.data_watermark
@@ -141,8 +162,21 @@ def selector_drift(store: Store, champion_record: VersionRecord, champion: Decou
     old, new = ids <= watermark, ids > watermark
     if old.sum() < 2 or new.sum() < 1:
         return None
-    report = structural_drift(champion.selector, x[torch.from_numpy(old)], x[torch.from_numpy(new)])
+    thresholds = DriftThresholds() if min_new is None else DriftThresholds(min_new_samples=min_new)
+    report = structural_drift(champion.selector, x[torch.from_numpy(old)], x[torch.from_numpy(new)],
+                              thresholds=thresholds)
     return {**report.to_dict(), "selector_version": origin.version, "selector_watermark": watermark}
+
+
+def _solver_summary(result: TrainResult) -> dict[str, Any]:
+    """What the solver did: gradient epochs (full; qk only with qk_epochs), the readout refit."""
+    epochs = sum(1 for h in result.history if h.get("stage") != "readout")
+    refit = next((h for h in result.history if h.get("stage") == "readout"), None)
+    out: dict[str, Any] = {"solver": result.solver, "epochs_run": epochs}
+    if refit is not None:
+        out.update(refit_iterations=refit.get("readout_iterations"),
+                   refit_best_iteration=refit.get("readout_best_iteration"))
+    return out
 
 
 def run_retrain_job(store: Store, settings: Settings, job_id: str, mode: str, *,
@@ -163,8 +197,8 @@ def run_retrain_job(store: Store, settings: Settings, job_id: str, mode: str, *,
     is asked right before promotion (a Celery worker: "do I still own this job?"); False
     registers the candidate but does not promote it.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in REQUEST_MODES:
+        raise ValueError(f"mode must be one of {REQUEST_MODES}, got {mode!r}")
     started = time.perf_counter()
     job = store.start_job(job_id)
     if job is None:
@@ -232,25 +266,37 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
     sizes = {"n_samples": len(ids), "n_train": len(train), "n_val": len(val), "n_holdout": len(holdout)}
     if len(holdout) < settings.min_holdout or len(train) == 0 or len(val) == 0:
         raise RetrainError(f"not enough samples to retrain: {sizes} (min_holdout={settings.min_holdout})")
-    drift = selector_drift(store, champion_record, champion, ids, x)
+    drift = selector_drift(store, champion_record, champion, ids, x, settings.retrain_drift_min_new)
+    requested = mode
+    if mode == "auto":
+        mode, mode_reason = choose_mode(drift)
+    else:
+        mode_reason = f"requested: mode={mode}"
+    seen = champion_record.data_watermark  # what the champion was trained on
+    new_samples = len(ids) if seen is None else int((ids > seen).sum())
     cfg = train_config(settings, task)
-    report(phase="training", drift=drift, champion_version=champion_version, data_watermark=watermark,
-           epochs=cfg.epochs, **sizes)
-
-    def on_epoch(m: dict[str, Any]) -> None:
-        report(epoch=m["epoch"], train_loss=m["train_loss"], val_loss=m["val_loss"],
-               **{k: m[k] for k in ("val_acc", "val_rmse") if k in m})
+    report(phase="training", mode=mode, mode_reason=mode_reason, drift=drift,
+           champion_version=champion_version, data_watermark=watermark, new_samples=new_samples, **sizes)
+    log.info("retrain %s: mode %s (%s)", job_id, mode, mode_reason)
 
     device = pick_device(settings.device)
     t_train = time.perf_counter()
     if mode == "qk":
         candidate = DecoupledModel(PathSelector(champion.selector.net),
                                    Estimator(copy.deepcopy(champion.estimator.net)))
-        train_result = train_qk(candidate, train, val, cfg, on_epoch, should_cancel)
+        if cfg.qk_solver == "fast":  # a feature pass and a readout refit: its own phases
+            with QKProgress(report, candidate.selector.net, len(train) + len(val), cfg.qk_readout_iters,
+                            cfg.qk_epochs) as progress:
+                train_result = train_qk(candidate, train, val, cfg, progress.on_epoch, should_cancel)
+        else:
+            train_result = train_qk(candidate, train, val, cfg, full_epoch_reporter(report, cfg.epochs),
+                                    should_cancel)
     else:
+        report(epochs=cfg.epochs)
         net = copy.deepcopy(champion.selector.net)  # warm start from the structure's owner
         net.requires_grad_(True)
-        train_result = train_full(net, train, val, cfg, on_epoch, should_cancel, track_stability=False)
+        train_result = train_full(net, train, val, cfg, full_epoch_reporter(report, cfg.epochs),
+                                  should_cancel, track_stability=False)
         candidate = DecoupledModel.from_net(net.cpu())
     train_s = time.perf_counter() - t_train
     candidate.cpu()
@@ -267,7 +313,7 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
     gate_ok, verdict = gate_decision(task, cand, champ, settings.promotion_tolerance)
     metrics = {**cand, "champion_version": champion_version,
                **{f"champion_{k}": v for k, v in champ.items()},
-               "mode": mode, **sizes, **train_result.summary(), "drift": drift}
+               "mode": mode, "mode_reason": mode_reason, **sizes, **train_result.summary(), "drift": drift}
     report(phase="registering")
     version = register_model(store, candidate, mode=mode, parent=champion_version, metrics=metrics,
                              data_watermark=watermark, job_id=job_id,
@@ -285,9 +331,9 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
     total_s = time.perf_counter() - started
     log.info("retrain %s (%s): v%d %s", job_id, mode, version, reason)
     return {"candidate_version": version, "champion_version": champion_version, "promoted": promoted,
-            "reason": reason, "mode": mode,
+            "reason": reason, "mode": mode, "mode_requested": requested, "mode_reason": mode_reason,
             "task": task, "candidate": cand, "champion": champ,
-            "tolerance": settings.promotion_tolerance, "data_watermark": watermark, **sizes,
-            "epochs_run": train_result.summary()["epochs_run"], "drift": drift,
+            "tolerance": settings.promotion_tolerance, "data_watermark": watermark,
+            "new_samples": new_samples, **sizes, **_solver_summary(train_result), "drift": drift,
             "timings": {"train_s": train_s, "structure_s": train_result.structure_s,
                         "eval_s": eval_s, "total_s": total_s}}

@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from app.core.training import TrainingCancelled
 from app.serving.metrics import ServingMetrics
-from app.serving.retrain_job import MODES, JobInterrupted, JobNotQueued, run_retrain_job
+from app.serving.retrain_job import REQUEST_MODES, JobInterrupted, JobNotQueued, run_retrain_job
 from app.settings import Settings
 from app.storage import JobRecord, Store
 
@@ -52,10 +52,18 @@ class RetrainQueueUnavailable(RuntimeError):
 @runtime_checkable
 class RetrainRunner(Protocol):
     def submit(self, mode: str) -> str:
-        """Start (or enqueue) a retrain; returns its job id.
+        """Start (or enqueue) a retrain (``auto`` | ``qk`` | ``full``); returns its job id.
 
-        Raises ``RetrainInProgress`` or ``RetrainQueueUnavailable``; ``ValueError`` for a bad mode.
+        Raises ``RetrainInProgress`` or ``RetrainQueueUnavailable`` (no worker consumes the
+        queue, the broker is down, the server is closing); ``ValueError`` for a bad mode.
+        Whether there is anything new to train on is the caller's question
+        (``app.serving.retrain_plan``).
         """
+        ...
+
+    def workers_online(self) -> int | None:
+        """How many workers could run a queued job right now; None: not applicable (embedded)
+        or unknown (the broker is unreachable)."""
         ...
 
     def status(self, job_id: str) -> JobRecord | None:
@@ -78,8 +86,8 @@ def new_job_id() -> str:
 
 
 def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if mode not in REQUEST_MODES:
+        raise ValueError(f"mode must be one of {list(REQUEST_MODES)}, got {mode!r}")
 
 
 def acquire_retrain_lease(store: Store, job_id: str, ttl_s: float) -> bool:
@@ -168,6 +176,9 @@ class EmbeddedRunner:
     def status(self, job_id: str) -> JobRecord | None:
         return self.store.get_job(job_id)
 
+    def workers_online(self) -> int | None:
+        return None  # the job runs beside this server: there is no queue to wait in
+
     # ---- supervision ------------------------------------------------------------------------
     def _heartbeat(self, job_id: str, done: threading.Event) -> None:
         interval = max(self.settings.retrain_lease_s / 4, 0.5)
@@ -226,11 +237,7 @@ class EmbeddedRunner:
         job = self.store.get_job(job_id)
         if job is None:
             return
-        outcome = "cancelled" if job.status == "cancelled" else "failed"
-        if job.status == "succeeded":
-            outcome = "promoted" if (job.result or {}).get("promoted") else "rejected"
-        if self.metrics is not None:
-            self.metrics.retrain_jobs.labels(job.mode, outcome).inc()
+        # (the retrain gauges of /metrics read the job table: nothing to count here)
         if self.on_finished is not None:
             try:
                 self.on_finished(job)
@@ -241,9 +248,12 @@ class EmbeddedRunner:
         if self.store.cancel_queued_job(job_id):  # its run has not started: it never will
             self.store.release_lease(RETRAIN_LEASE, job_id)
             return "cancelled"
+        job = self.store.get_job(job_id)
+        if job is None or job.finished:  # (its child process may still be on its way out)
+            return None
         with self._lock:
             process = self._processes.get(job_id)
-        if process is None:
+        if process is None or process.pid is None:
             # a thread, or a job of another server process (--workers): it reads the request
             # between epochs and ends cancelled
             return "cancelling" if self.store.request_cancel(job_id) else None

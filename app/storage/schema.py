@@ -135,6 +135,15 @@ leases = Table(
     Column("expires_at", Float, nullable=True),  # epoch seconds
 )
 
+# 0004: the count of samples retrains use (stored, not quarantined) is the sum of ``n``. Kept
+# by triggers in the database (see the revision) in the transaction of every ingest, delete,
+# quarantine and release; 16 slots so that concurrent ingests update different rows.
+sample_counts = Table(
+    "sample_counts", metadata,
+    Column("slot", Integer, primary_key=True, autoincrement=False),
+    Column("n", BigInteger, nullable=False),
+)
+
 sample_audit = Table(
     "sample_audit", metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),

@@ -40,6 +40,7 @@ from app.storage.schema import (
     model_versions,
     promotions,
     retrain_jobs,
+    sample_counts,
     samples,
 )
 
@@ -347,15 +348,15 @@ class Store:
         """Samples retrains use: every stored row except the quarantined ones.
 
         ``/samples/count``, ``/ingest``'s ``total_samples`` and ``skqk_samples_total`` report
-        this; ``quarantined_count()`` is the rest.
+        this; ``quarantined_count()`` is the rest. Without ``n_features`` it is exact and
+        costs no scan: the sum of the ``sample_counts`` rows, which triggers keep in the
+        transaction of every ingest, delete, quarantine and release (revision 0004).
         """
         if n_features is not None:
             query = select(func.count()).select_from(samples).where(
                 samples.c.n_features == n_features, samples.c.quarantined_at.is_(None))
-        else:  # all rows (a scan of the smallest index) minus the tiny partial index's rows
-            quarantined = select(func.count()).select_from(samples).where(
-                samples.c.quarantined_at.is_not(None)).scalar_subquery()
-            query = select(select(func.count()).select_from(samples).scalar_subquery() - quarantined)
+        else:
+            query = select(func.coalesce(func.sum(sample_counts.c.n), 0))
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 

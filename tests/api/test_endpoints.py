@@ -108,6 +108,8 @@ def test_predict_rejects_malformed_bodies(client: httpx.Client, body: str, statu
                                      {"Content-Type": "application/x-www-form-urlencoded"}])
 def test_wrong_content_type_is_415(client: httpx.Client, server_store: Store, path: str,
                                    headers: dict) -> None:
+    if path.startswith("/v2") and not headers:
+        pytest.skip("v2 infer takes a body without Content-Type, as Triton does (test_v2_binary.py)")
     before = server_store.sample_count()
     body = json.dumps({"inputs": [ROW], "samples": [{"features": ROW, "label": 1}]})
     r = _post_raw(client, path, body, headers)

@@ -92,7 +92,7 @@ def test_import_pt2_mlp_without_data(tmp_path: Path) -> None:
         body = c.post("/predict", json={"inputs": probe.tolist()}).json()
         assert close(np.asarray(body["outputs"], dtype=np.float32), run_pt2(path, probe))
         assert body["predictions"] == body["prediction_indices"]  # no --classes: integers stay integers
-        r = c.post("/retrain", json={"mode": "qk"}, headers=ADMIN)
+        r = c.post("/retrain", json={"mode": "qk", "force": True}, headers=ADMIN)  # no samples at all
         job = wait_job(c, r.json()["job_id"])
         assert job["status"] == "failed" and "not enough samples" in job["error"]
 

@@ -55,7 +55,7 @@ def submit_retrain(client: httpx.Client, timeout: float = 60, mode: str = "qk") 
     """POST /retrain until it is accepted (a previous job may still be releasing its lock)."""
 
     def accepted() -> str | None:
-        r = client.post("/retrain", json={"mode": mode}, headers=admin_headers())
+        r = client.post("/retrain", json={"mode": mode, "force": True}, headers=admin_headers())
         return r.json()["job_id"] if r.status_code == 202 else None
 
     return wait_until(accepted, timeout, 0.2, what="POST /retrain to be accepted")  # type: ignore[return-value]
@@ -94,7 +94,7 @@ def test_two_concurrent_retrains_run_exactly_one(deployment: Deployment):
     def post(url: str) -> None:
         with httpx.Client(base_url=url, timeout=30) as c:
             barrier.wait()
-            responses.append(c.post("/retrain", json={"mode": "qk"}, headers=admin_headers()))
+            responses.append(c.post("/retrain", json={"mode": "qk", "force": True}, headers=admin_headers()))
 
     threads = [threading.Thread(target=post, args=(r.url,)) for r in (a, b)]
     for t in threads:
@@ -172,9 +172,16 @@ def log_since(worker: Process, marker: str) -> str:
     return text[text.index(marker):] if marker in text else ""
 
 
+def kill_workers(deployment: Deployment) -> None:
+    """Workers die without a goodbye: their heartbeat outlives them (SKQK_RETRAIN_WORKER_TTL_S),
+    so POST /retrain still queues, and nobody picks the job up."""
+    for worker in deployment.workers:
+        worker.kill_group()
+
+
 def test_cancel_of_a_queued_job_is_immediate_and_frees_the_lock(deployment: Deployment):
     a, b = deployment.replicas
-    deployment.stop_workers()  # nobody picks the job up: it stays queued
+    kill_workers(deployment)  # nobody picks the job up: it stays queued
     with a.client() as ca, b.client() as cb:
         job_id = submit_retrain(ca)
         assert job_of(cb, job_id)["status"] == "queued"
@@ -182,7 +189,7 @@ def test_cancel_of_a_queued_job_is_immediate_and_frees_the_lock(deployment: Depl
         cancelled_at = time.monotonic()
         assert r.status_code == 200, r.text
         assert r.json() == {"job_id": job_id, "status": "cancelled"}
-        again = ca.post("/retrain", json={"mode": "qk"}, headers=admin_headers())
+        again = ca.post("/retrain", json={"mode": "qk", "force": True}, headers=admin_headers())
         print(f"cancel of a queued job → next POST /retrain accepted: "
               f"{time.monotonic() - cancelled_at:.3f}s")
         assert again.status_code == 202, again.text  # the lock is free at once
@@ -201,7 +208,7 @@ def test_cancel_of_a_queued_job_is_immediate_and_frees_the_lock(deployment: Depl
 
 def test_a_message_lost_by_a_dying_worker_is_published_again(deployment: Deployment):
     a, _b = deployment.replicas
-    deployment.stop_workers()
+    kill_workers(deployment)
     broker = redis.Redis(port=deployment.redis.port, decode_responses=True)
     with a.client() as ca:
         job_id = submit_retrain(ca)
@@ -217,7 +224,7 @@ def test_a_message_lost_by_a_dying_worker_is_published_again(deployment: Deploym
         job = wait_job(ca, job_id)
         assert job["status"] == "succeeded", job
         assert job["progress"]["delivery"]["republished"] >= 1, job["progress"]
-        after = ca.post("/retrain", json={"mode": "qk"}, headers=admin_headers())
+        after = ca.post("/retrain", json={"mode": "qk", "force": True}, headers=admin_headers())
         assert after.status_code == 202, after.text  # nothing left holding the lock
         assert wait_job(ca, after.json()["job_id"])["status"] == "succeeded"
     broker.close()
@@ -239,7 +246,7 @@ def test_redis_restart_mid_training_neither_fails_the_job_nor_starts_another(dep
                 assert job_of(client, job_id)["status"] == "running"
 
             def second_post(client: httpx.Client) -> httpx.Response | None:
-                r = client.post("/retrain", json={"mode": "qk"}, headers=admin_headers())
+                r = client.post("/retrain", json={"mode": "qk", "force": True}, headers=admin_headers())
                 return r if r.status_code != 503 else None  # 503 until the replica reconnects
 
             for client in (ca, cb):

@@ -17,7 +17,7 @@ ADMIN = {"X-API-Key": API_KEY}
 def test_cancel_takes_effect_at_once_and_frees_the_lease(server_factory: ServerFactory):
     server = server_factory()
     with server.client() as c:
-        r = c.post("/retrain", json={"mode": "qk"}, headers=ADMIN)
+        r = c.post("/retrain", json={"mode": "qk", "force": True}, headers=ADMIN)  # nothing new: forced
         assert r.status_code == 202, r.text
         job_id = r.json()["job_id"]
         r = c.post(f"/retrain/{job_id}/cancel", headers=ADMIN)
@@ -25,7 +25,7 @@ def test_cancel_takes_effect_at_once_and_frees_the_lease(server_factory: ServerF
         # queued (its child process is still starting) or running: stopped either way
         assert r.status_code == 200, r.text
         assert r.json() == {"job_id": job_id, "status": "cancelled"}
-        again = c.post("/retrain", json={"mode": "qk"}, headers=ADMIN)
+        again = c.post("/retrain", json={"mode": "qk", "force": True}, headers=ADMIN)
         print(f"embedded: cancel → next POST /retrain accepted in {time.monotonic() - cancelled_at:.3f}s")
         assert again.status_code == 202, again.text
         assert c.get(f"/retrain/{job_id}").json()["status"] == "cancelled"

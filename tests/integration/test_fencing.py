@@ -19,6 +19,7 @@ from sqlalchemy import update
 from app.distributed import GPU_QUEUE, LOCK_NAME, RetrainLock, redis_client
 from app.serving.celery_runner import CeleryRunner
 from app.serving.runner import RetrainInProgress
+from app.serving.worker_presence import beat
 from app.settings import get_settings
 from app.storage import Store
 from app.storage.schema import retrain_jobs
@@ -49,6 +50,7 @@ def env(redis_server: RedisServer, template_data_dir: Path, tmp_path: Path,
     get_settings.cache_clear()
     client = redis_client(redis_server.url)
     client.flushdb()
+    beat(client, [GPU_QUEUE], "fencing-test", 600)  # this process runs the task bodies: the worker
     store = Store(settings.resolved_database_url)
     yield store, client
     store.dispose()

@@ -33,7 +33,8 @@ def test_init_registers_version_1_in_the_store_then_retrain(tmp_path: Path) -> N
         assert again.returncode == 1 and "--force" in again.stdout
         noop = _skqk(env, "init", "--if-empty")
         assert noop.returncode == 0 and store.latest_version() == 1
-        retrain = _skqk(env, "retrain", "--mode", "qk", "--epochs", "2", "--tolerance", "1.0")
+        retrain = _skqk(env, "retrain", "--mode", "qk", "--epochs", "2", "--tolerance", "1.0",
+                        "--force")  # nothing new since init: forced
         assert retrain.returncode == 0, retrain.stdout + retrain.stderr
         assert "promoted" in retrain.stdout and store.active_version() == 2
         assert store.get_version(2, weights=False).parent == 1

@@ -45,7 +45,7 @@ def test_single_flight_progress_and_hook(sqlite_store: Store, settings: Settings
         assert busy.value.job_id == job_id
         job = _wait(runner, job_id)
         assert job.status == "succeeded" and job.runner == "embedded:thread"
-        assert job.progress["epoch"] >= 1 and job.result["candidate_version"] == 2
+        assert job.progress["refit_iterations"] >= 1 and job.result["candidate_version"] == 2
         assert done.wait(10) and finished[0].job_id == job_id
         second = runner.submit("qk")  # the lease is free again
         assert _wait(runner, second).status == "succeeded"

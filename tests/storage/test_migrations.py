@@ -417,7 +417,7 @@ def test_store_at_0002_is_upgraded_to_head(empty_url: UrlFactory, engines: Calla
     store = Store(url)
     try:
         store.create_schema()
-        assert current_revision(raw) == head_revision() == REV_0003
+        assert current_revision(raw) == head_revision()
         after = project(rows(raw), before)
         assert (after["ingest_batches"], after["samples"]) == (before["ingest_batches"], before["samples"])
         assert all(s["quarantined_at"] is None for s in rows(raw)["samples"])
@@ -458,7 +458,7 @@ def test_downgrade_below_0003_refuses_while_samples_are_quarantined(
         store.quarantine_samples(SampleSelection(ids=(ids[0],)), "test", "x")
         with pytest.raises(RuntimeError, match="1 samples are quarantined"):
             downgrade_to(store.engine, REV_0002)
-        assert current_revision(raw) == REV_0003 and store.quarantined_count() == 1
+        assert current_revision(raw) == head_revision() and store.quarantined_count() == 1
 
         store.release_samples(SampleSelection(ids=(ids[0],)), "test")
         store.delete_samples(SampleSelection(ids=(ids[-1],)), "test", "the newest row")
