@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from app.core.drift import DriftThresholds
-from app.experiments.report import markdown_table, mean_std, pyplot, save_figure
+from app.experiments.report import FIG_DPI, markdown_table, mean_std, pyplot, save_figure
 
 
 def collect(directory: Path, thresholds: DriftThresholds | None = None) -> list[dict[str, Any]]:
@@ -72,7 +72,7 @@ def calibrate(directory: Path, tolerance: float = 0.003, out: Path | None = None
 
 def plot(groups: list[dict[str, Any]], path: Path, thresholds: DriftThresholds) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=72)
+    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=FIG_DPI)
     markers = {"none": "o", "brightness": "s", "contrast": "^", "classfreq": "D"}
     for g in groups:
         kind = g["shift"].split(":")[0]
@@ -85,7 +85,7 @@ def plot(groups: list[dict[str, Any]], path: Path, thresholds: DriftThresholds) 
     ax.set_xlabel("firing-rate ratio (new vs reference, 1 = same distribution)")
     ax.set_ylabel("QK − full warm (points)")
     ax.set_title("o none  ■ brightness  ▲ contrast  ◆ classfreq; red: new ≥ old·"
-                 f"{thresholds.volume_ratio}", fontsize=8)
+                 f"{thresholds.volume_ratio}", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)

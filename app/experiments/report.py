@@ -41,7 +41,13 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # committed PNGs are viewed at their own size: no text below ~12 px at FIG_DPI
+    matplotlib.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10,
+                                "legend.fontsize": 9, "xtick.labelsize": 9, "ytick.labelsize": 9})
     return plt
+
+
+FIG_DPI = 110
 
 
 def slug(text: str) -> str:

@@ -35,7 +35,16 @@ from app.core.drift import structural_drift
 from app.core.network import DecoupledModel, Estimator, PathSelector, ReLUNet
 from app.core.spec import resolve_arch
 from app.core.training import TrainConfig, evaluate, train_full, train_qk
-from app.experiments.report import markdown_table, mean_std, pm, pyplot, save_figure, slug, write_json
+from app.experiments.report import (
+    FIG_DPI,
+    markdown_table,
+    mean_std,
+    pm,
+    pyplot,
+    save_figure,
+    slug,
+    write_json,
+)
 from app.experiments.scenario import Scenario, build_scenario
 
 METHODS = ("none", "full_warm", "full_scratch", "qk_fast", "qk_adam", "qk_random")
@@ -193,7 +202,7 @@ def plot_time_to_accuracy(runs: list[dict[str, Any]], methods: list[str], shifts
                           path: Path) -> None:
     plt = pyplot()
     panels = [s for s in shifts if any(r["shift"] == s for r in runs)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.3), dpi=72, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), dpi=FIG_DPI, squeeze=False)
     for ax, shift in zip(axes[0], panels, strict=True):
         rows = [r for r in runs if r["shift"] == shift]
         for m in methods:
@@ -209,11 +218,11 @@ def plot_time_to_accuracy(runs: list[dict[str, Any]], methods: list[str], shifts
                         ms=5, capsize=2, label=m)
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel("wall time (s)")
-        ax.set_title(f"shift: {shift}", fontsize=9)
+        ax.set_title(f"shift: {shift}")
+        ax.legend(loc="lower right")  # in every panel: each is read on its own
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

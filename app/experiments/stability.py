@@ -20,7 +20,7 @@ from app.core.network import PathSelector, ReLUNet
 from app.core.spec import resolve_arch
 from app.core.structure import gate_flip_fraction
 from app.core.training import TrainConfig, train_full
-from app.experiments.report import markdown_table, mean_std, pyplot, save_figure, slug, write_json
+from app.experiments.report import FIG_DPI, markdown_table, mean_std, pyplot, save_figure, slug, write_json
 
 CURVES = ("gate_flip", "pool_flip", "gate_diff_to_final", "weight_rel_change", "train_loss",
           "val_loss", "val_acc")
@@ -78,7 +78,7 @@ def plot(summary: dict[str, Any], title: str, path: Path) -> None:
     plt = pyplot()
     curves = summary["curves"]
     epochs = np.arange(1, len(curves["gate_flip"]["mean"]) + 1)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=72)
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=FIG_DPI)
     ax2 = ax.twinx()
 
     def band(axis, key: str, color: str, label: str, style: str = "-", scale: float = 1.0) -> None:
@@ -102,12 +102,12 @@ def plot(summary: dict[str, Any], title: str, path: Path) -> None:
     ax.set_ylim(bottom=0)
     ax2.set_ylabel("cross-entropy")
     ax2.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title)
     handles = ax.get_legend_handles_labels()
     handles2 = ax2.get_legend_handles_labels()
-    fig.legend(handles[0] + handles2[0], handles[1] + handles2[1], fontsize=7, loc="lower center", ncol=2,
+    fig.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="lower center", ncol=2,
                frameon=False)
-    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     save_figure(fig, path)
     plt.close(fig)
 
