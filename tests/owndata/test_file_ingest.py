@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -66,20 +67,24 @@ def sorted_rows(x: np.ndarray) -> np.ndarray:
 
 
 def test_ingest_survives_kill_and_rerun_stores_exactly_once(cancer_store: Path, tmp_path: Path) -> None:
-    n = 30_000
+    n = 60_000
     table = more_rows(n, seed=1)
     path = write_csv(table, tmp_path / "more.csv")
     env = fast_env(cancer_store)
     cmd = [sys.executable, "-m", "app.cli", "ingest", str(path), "--chunk-rows", "300"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # one cheap read-only connection: a poll must be much shorter than the whole ingest
+    watcher = sqlite3.connect(f"file:{cancer_store / 'skqk.db'}?mode=ro", uri=True, timeout=10)
     try:
         deadline = time.monotonic() + 120
-        while sample_count(cancer_store) < N_INIT + 3 * 300 and time.monotonic() < deadline:
+        while (watcher.execute("SELECT count(*) FROM samples").fetchone()[0] < N_INIT + 3 * 300
+               and time.monotonic() < deadline):
             assert proc.poll() is None, "ingest finished before it could be killed; make the file larger"
-            time.sleep(0.02)
+            time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
+        watcher.close()
         if proc.poll() is None:
             proc.kill()
     partial = sample_count(cancer_store) - N_INIT
