@@ -55,14 +55,6 @@ class Settings(BaseSettings):
     predict_api_key_file: Path | None = Field(
         None, description="file holding the predict key; SKQK_PREDICT_API_KEY wins when both are set")
 
-    @model_validator(mode="after")
-    def _scoped_keys_from_files(self) -> Settings:
-        if not self.ingest_api_key and self.ingest_api_key_file is not None:
-            self.ingest_api_key = _read_secret(self.ingest_api_key_file, "SKQK_INGEST_API_KEY_FILE")
-        if not self.predict_api_key and self.predict_api_key_file is not None:
-            self.predict_api_key = _read_secret(self.predict_api_key_file, "SKQK_PREDICT_API_KEY_FILE")
-        return self
-
     api_key_secret: Path | None = Field(
         None, validation_alias="SKQK_API_KEY_FILE",
         description="file holding the admin key (a Docker secret); SKQK_API_KEY wins when both are set")
@@ -158,10 +150,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _values_from_files(self) -> Settings:
         # A value given directly wins; the file fills in only what is unset.
-        if not self.database_url and self.database_url_secret is not None:
-            self.database_url = _read_secret(self.database_url_secret, "SKQK_DATABASE_URL_FILE")
-        if not self.api_key and self.api_key_secret is not None:
-            self.api_key = _read_secret(self.api_key_secret, "SKQK_API_KEY_FILE")
+        for value, file, env in (("database_url", "database_url_secret", "SKQK_DATABASE_URL_FILE"),
+                                 ("api_key", "api_key_secret", "SKQK_API_KEY_FILE"),
+                                 ("ingest_api_key", "ingest_api_key_file", "SKQK_INGEST_API_KEY_FILE"),
+                                 ("predict_api_key", "predict_api_key_file", "SKQK_PREDICT_API_KEY_FILE")):
+            path = getattr(self, file)
+            if not getattr(self, value) and path is not None:
+                setattr(self, value, _read_secret(path, env))
         return self
 
     @property
