@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import machine_info, markdown_table, write_section
 from tests.helpers.pg import temporary_database
 from tests.helpers.server import API_KEY, ServerProcess, fast_env, wait_job
+from tests.integration.conftest import RedisServer, initialised_deployment
 
 ADMIN = {"X-API-Key": API_KEY}
 
@@ -226,71 +227,57 @@ def _accept(client: httpx.Client, mode: str = "qk", timeout: float = 120) -> tup
 
 def distributed(work: Path, rounds: int) -> list[list[object]]:
     """Redis SIGKILL + empty restart, and worker SIGKILL mid-retrain, on a real deployment."""
-    import subprocess
-
-    from tests.compose import compose_command
-    from tests.helpers.server import REPO
-    from tests.integration.conftest import Deployment, RedisServer
-
     rows: list[list[object]] = []
     workdir = work / "distributed"
     workdir.mkdir()
-    redis_server = RedisServer(workdir)
-    redis_server.start()
-    with temporary_database(prefix="skqk_rel_dist") as db_url:
-        env = fast_env(workdir, SKQK_DATABASE_URL=db_url, SKQK_REDIS_URL=redis_server.url,
-                       SKQK_RETRAIN_LEASE_S=LEASE_S, SKQK_RETRAIN_REPUBLISH_S=10)
-        dep = Deployment(redis_server, env, workdir)
-        try:
-            subprocess.run(compose_command("init", epochs="8"), cwd=REPO, env=env, check=True,
-                           capture_output=True, timeout=300)
-            # long full retrains, so the worker can be killed in the middle of one
-            dep.start_worker(SKQK_RETRAIN_EPOCHS="400", SKQK_RETRAIN_PATIENCE="400")
-            replica = dep.start_replica()
-            with replica.client() as c:
-                for r in range(rounds):
-                    # Redis: SIGKILL, restart empty; serving must not notice, retrains come back.
-                    _ingest_some(c, 10 * r)
-                    restarted: list[float] = []
-                    failures = _predict_failures_during(
-                        replica.url, lambda out=restarted: _restart_redis(redis_server, out), settle_s=0.0)
-                    job_id, _ = _accept(c)
-                    accept_s = time.monotonic() - restarted[0]
-                    done = wait_job(c, job_id)
-                    rows.append(["Redis SIGKILL + empty restart", r + 1,
-                                 f"POST /retrain accepted {accept_s:.2f} s after the restart; the job "
-                                 f"{done['status']} {time.monotonic() - restarted[0]:.1f} s after it",
-                                 failures])
-                    print("redis", rows[-1], flush=True)
+    with initialised_deployment(workdir, "skqk_rel_dist", 8, SKQK_RETRAIN_LEASE_S=LEASE_S,
+                                SKQK_RETRAIN_REPUBLISH_S=10) as dep:
+        redis_server = dep.redis
+        # long full retrains, so the worker can be killed in the middle of one
+        dep.start_worker(SKQK_RETRAIN_EPOCHS="400", SKQK_RETRAIN_PATIENCE="400")
+        replica = dep.start_replica()
+        with replica.client() as c:
+            for r in range(rounds):
+                # Redis: SIGKILL, restart empty; serving must not notice, retrains come back.
+                _ingest_some(c, 10 * r)
+                restarted: list[float] = []
+                failures = _predict_failures_during(
+                    replica.url, lambda out=restarted: _restart_redis(redis_server, out), settle_s=0.0)
+                job_id, _ = _accept(c)
+                accept_s = time.monotonic() - restarted[0]
+                done = wait_job(c, job_id)
+                rows.append(["Redis SIGKILL + empty restart", r + 1,
+                             f"POST /retrain accepted {accept_s:.2f} s after the restart; the job "
+                             f"{done['status']} {time.monotonic() - restarted[0]:.1f} s after it",
+                             failures])
+                print("redis", rows[-1], flush=True)
 
-                    # Worker: SIGKILL mid-retrain, then a new worker.
-                    _ingest_some(c, 10 * r + 1)
-                    job_id, _ = _accept(c, "full")
-                    timed_until(lambda j=job_id: (c.get(f"/retrain/{j}").json()["progress"]
-                                                  .get("epoch") or 0) >= 2, 120, 0.1)
-                    t_kill = time.monotonic()
-                    dep.workers[-1].kill_group()
-                    dep.start_worker(SKQK_RETRAIN_EPOCHS="400", SKQK_RETRAIN_PATIENCE="400")
-                    first = wait_job(c, job_id, timeout=120)
-                    ended_s = time.monotonic() - t_kill
-                    _ingest_some(c, 10 * r + 2)
-                    job2, accept2_s = _accept(c)
-                    second = wait_job(c, job2)
-                    rows.append(["worker SIGKILL mid-retrain, new worker started", r + 1,
-                                 f"killed job ended {first['status']} {ended_s:.1f} s after the kill "
-                                 f"(lease {LEASE_S} s); next job accepted after {accept2_s:.1f} s, "
-                                 f"{second['status']} {time.monotonic() - t_kill:.1f} s after the kill",
-                                 0])
-                    print("worker", rows[-1], flush=True)
-        finally:
-            dep.close()
+                # Worker: SIGKILL mid-retrain, then a new worker.
+                _ingest_some(c, 10 * r + 1)
+                job_id, _ = _accept(c, "full")
+                timed_until(lambda j=job_id: (c.get(f"/retrain/{j}").json()["progress"]
+                                              .get("epoch") or 0) >= 2, 120, 0.1)
+                t_kill = time.monotonic()
+                dep.workers[-1].kill_group()
+                dep.start_worker(SKQK_RETRAIN_EPOCHS="400", SKQK_RETRAIN_PATIENCE="400")
+                first = wait_job(c, job_id, timeout=120)
+                ended_s = time.monotonic() - t_kill
+                _ingest_some(c, 10 * r + 2)
+                job2, accept2_s = _accept(c)
+                second = wait_job(c, job2)
+                rows.append(["worker SIGKILL mid-retrain, new worker started", r + 1,
+                             f"killed job ended {first['status']} {ended_s:.1f} s after the kill "
+                             f"(lease {LEASE_S} s); next job accepted after {accept2_s:.1f} s, "
+                             f"{second['status']} {time.monotonic() - t_kill:.1f} s after the kill",
+                             0])
+                print("worker", rows[-1], flush=True)
     return rows
 
 
-def _restart_redis(server: object, restarted_at: list[float]) -> None:
+def _restart_redis(server: RedisServer, restarted_at: list[float]) -> None:
     """SIGKILL the private Redis and start it again, empty (it keeps nothing on disk)."""
-    server.stop()  # type: ignore[attr-defined]
-    server.start()  # type: ignore[attr-defined]
+    server.stop()
+    server.start()
     restarted_at.append(time.monotonic())
 
 

@@ -150,29 +150,38 @@ class Deployment:
         self.redis.stop()
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    workdir = tmp_path_factory.mktemp("distributed")
+@contextlib.contextmanager
+def initialised_deployment(workdir: Path, db_prefix: str, init_epochs: int,
+                           **env_overrides: object) -> Iterator[Deployment]:
+    """A private Redis, a fresh Postgres database and an initialised store (``skqk init``, as
+    compose runs it); no worker or replica yet. Everything is torn down on exit."""
     redis_server = RedisServer(workdir)
     redis_server.start()
-    with temporary_database(prefix="skqk_dist") as db_url:
+    with temporary_database(prefix=db_prefix) as db_url:
         env = fast_env(workdir, SKQK_DATABASE_URL=db_url, SKQK_REDIS_URL=redis_server.url,
-                       SKQK_RETRAIN_LEASE_S=LEASE_S, SKQK_RETRAIN_QUEUE_TIMEOUT_S=120,
-                       SKQK_RETRAIN_REPUBLISH_S=REPUBLISH_S,
-                       SKQK_RETRAIN_TEST_PAUSE_FILE=workdir / "pause-retrains",
-                       # Long poll: a replica that swaps within a second was told over pub/sub.
-                       SKQK_POLL_INTERVAL_S=30)
+                       **env_overrides)
         dep = Deployment(redis_server, env, workdir)
         try:
-            init = subprocess.run(compose_command("init", epochs="8"), cwd=REPO, env=env,
+            init = subprocess.run(compose_command("init", epochs=str(init_epochs)), cwd=REPO, env=env,
                                   capture_output=True, text=True, timeout=300, check=False)
             assert init.returncode == 0, init.stdout + init.stderr
-            dep.start_worker()
-            dep.start_replica()
-            dep.start_replica()
             yield dep
         finally:
             dep.close()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    workdir = tmp_path_factory.mktemp("distributed")
+    with initialised_deployment(
+            workdir, "skqk_dist", 8, SKQK_RETRAIN_LEASE_S=LEASE_S, SKQK_RETRAIN_QUEUE_TIMEOUT_S=120,
+            SKQK_RETRAIN_REPUBLISH_S=REPUBLISH_S, SKQK_RETRAIN_TEST_PAUSE_FILE=workdir / "pause-retrains",
+            # Long poll: a replica that swaps within a second was told over pub/sub.
+            SKQK_POLL_INTERVAL_S=30) as dep:
+        dep.start_worker()
+        dep.start_replica()
+        dep.start_replica()
+        yield dep
 
 
 def admin_headers() -> dict[str, str]:

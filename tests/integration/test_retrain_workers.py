@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Iterator
 
 import httpx
@@ -21,10 +20,8 @@ from sklearn.datasets import load_digits
 
 from app.distributed import LOCK_NAME
 from app.storage import Store
-from tests.compose import compose_command
-from tests.helpers.pg import temporary_database
-from tests.helpers.server import REPO, ServerProcess, fast_env
-from tests.integration.conftest import Deployment, RedisServer, admin_headers, wait_until
+from tests.helpers.server import ServerProcess
+from tests.integration.conftest import Deployment, admin_headers, initialised_deployment, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -36,22 +33,12 @@ FEATURES = (DIGITS.data / 16.0).astype(np.float32)
 def small_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """One replica (one uvicorn process), workers started by the tests."""
     workdir = tmp_path_factory.mktemp("workers")
-    redis_server = RedisServer(workdir)
-    redis_server.start()
-    with temporary_database(prefix="skqk_wrk") as db_url:
-        env = fast_env(workdir, SKQK_DATABASE_URL=db_url, SKQK_REDIS_URL=redis_server.url,
-                       SKQK_RETRAIN_LEASE_S=4, SKQK_RETRAIN_QUEUE_TIMEOUT_S=120)
-        dep = Deployment(redis_server, env, workdir)
-        try:
-            init = subprocess.run(compose_command("init", epochs="2"), cwd=REPO, env=env,
-                                  capture_output=True, text=True, timeout=300, check=False)
-            assert init.returncode == 0, init.stdout + init.stderr
-            replica = ServerProcess(workdir / "replica", dict(env))
-            dep.replicas.append(replica)
-            replica.start(ready_timeout=120)
-            yield dep
-        finally:
-            dep.close()
+    with initialised_deployment(workdir, "skqk_wrk", 2, SKQK_RETRAIN_LEASE_S=4,
+                                SKQK_RETRAIN_QUEUE_TIMEOUT_S=120) as dep:
+        replica = ServerProcess(workdir / "replica", dict(dep.env))
+        dep.replicas.append(replica)
+        replica.start(ready_timeout=120)
+        yield dep
 
 
 def _post_retrain(client: httpx.Client, **body: object) -> httpx.Response:
