@@ -91,9 +91,13 @@ class Settings(BaseSettings):
 
     # ---- batching / inference -------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, description="rows merged into one forward pass")
-    max_queue_delay_ms: float = Field(2.0, ge=0, description="longest wait for more rows to batch")
+    max_queue_delay_ms: float = Field(2.0, ge=0, description="longest wait for more rows to batch, while "
+                                                             "requests keep arriving")
     max_queue_size: int = Field(2048, ge=1, description="pending requests before 503 + Retry-After")
     torch_threads: int = Field(1, ge=1, description="intra-op threads of the serving process")
+    inference_thread: Literal["auto", "on", "off"] = Field(
+        "auto", description="forward passes on their own thread (on) or on the event loop (off); auto: "
+                            "on the loop only when the process has one CPU and a full batch takes < 2 ms")
     device: str = Field("auto", description="auto | cpu | cuda (serving and retraining)")
     version_cache_size: int = Field(2, ge=0, description="non-active versions kept loaded for /versions/{v}")
 

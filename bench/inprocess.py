@@ -25,17 +25,25 @@ def _scope(path: str, body: bytes) -> dict[str, Any]:
             "root_path": "", "state": {}}
 
 
-async def _call(app: ASGIApp, path: str, body: bytes) -> int:
-    delivered = False
+class _Cycle:
+    """Stands in for uvicorn's request cycle: ``receive`` is a bound method of an object whose
+    ``more_body`` says the body is already in memory, as uvicorn's says for a small body."""
 
-    async def receive() -> dict[str, Any]:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
+    more_body = False
+
+    def __init__(self, body: bytes) -> None:
+        self.body: bytes | None = body
+
+    async def receive(self) -> dict[str, Any]:
+        if self.body is not None:
+            body, self.body = self.body, None
             return {"type": "http.request", "body": body, "more_body": False}
         await asyncio.sleep(3600)
         return {"type": "http.disconnect"}
 
+
+async def _call(app: ASGIApp, path: str, body: bytes) -> int:
+    receive = _Cycle(body).receive
     status = 0
 
     async def send(message: dict[str, Any]) -> None:

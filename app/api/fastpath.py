@@ -1,10 +1,10 @@
-"""A thin ASGI fast path for the inference endpoints (``/predict`` and v2 ``infer``).
+"""A thin fast path for the inference endpoints (``/predict`` and v2 ``infer``).
 
-The FastAPI routes in :mod:`app.api.inference` define these endpoints; this middleware
-answers the same requests with the very same payload functions
-(``predict_payload`` / ``v2_infer_payload``), minus FastAPI's per-request routing and
-dependency machinery, which on a small CPU box costs more than the model. Errors go
-through the same ``ApiError`` → ``{"error": …}`` rendering, so behaviour is identical
+The FastAPI routes in :mod:`app.api.inference` define these endpoints; ``ServingMiddleware``
+hands this class the body it has already read and checked, and it answers with the very same
+payload functions (``predict_payload`` / ``v2_infer_payload``), minus FastAPI's per-request
+routing and dependency machinery, which on a small CPU box costs more than the model. Errors
+go through the same ``ApiError`` → ``{"error": …}`` rendering, so behaviour is identical
 (the API tests run against it), the predict-scope key check included (skipped, at the
 cost of one attribute test, when no predict key is set). v2 answers with binary tensor data
 (:mod:`app.api.v2_binary`) are encoded here as well. ``SKQK_FAST_PATH=false`` turns it off.
@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope, Send
 
 from app.api.errors import ApiError
 from app.api.inference import predict_payload, v2_infer_payload
@@ -38,12 +38,14 @@ def _header(scope: Scope, key: bytes) -> bytes | None:
 
 
 class InferenceFastPath:
-    def __init__(self, app: ASGIApp, state: Callable[[], Any]) -> None:
-        self.app = app
-        self.state = state  # → the AppState (None until the lifespan has started)
+    """Called by ``ServingMiddleware`` with the body it has already read and checked."""
 
-    def _match(self, scope: Scope) -> tuple[str, Handler] | None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+    def __init__(self) -> None:
+        self.state: Any = None  # the AppState, set by the lifespan while the app runs
+
+    def match(self, scope: Scope) -> tuple[str, Handler] | None:
+        """(route label, handler) for an inference request once the app has started, else None."""
+        if scope["method"] != "POST" or self.state is None:
             return None
         path = scope["path"]
         if path == "/predict":
@@ -60,23 +62,9 @@ class InferenceFastPath:
 
         return label, v2
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        matched = self._match(scope)
-        state = self.state()
-        if matched is None or state is None:
-            await self.app(scope, receive, send)
-            return
-        label, handler = matched
-        scope["skqk.route"] = label
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # client went away
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    async def respond(self, scope: Scope, body: bytes, send: Send, label: str, handler: Handler) -> int:
+        """Answer the request; returns the status sent."""
+        state = self.state
         headers: list[tuple[bytes, bytes]] = _JSON_TYPE
         try:
             if state.keys.predict is not None:  # only when SKQK_PREDICT_API_KEY is set
@@ -102,3 +90,4 @@ class InferenceFastPath:
         await send({"type": "http.response.start", "status": status, "headers": [
             headers[0], (b"content-length", str(len(content)).encode()), *headers[1:]]})
         await send({"type": "http.response.body", "body": content})
+        return status

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
+import msgspec
 import numpy as np
-import orjson
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +19,6 @@ from app.api.errors import ApiError, FastJSONResponse, parse_body
 from app.api.rows import parse_rows, schema_error, values_to_float32
 from app.api.schemas import PredictRequest, V2InferRequest, V2Tensor
 from app.api.state import AppState, check_float32, get_state, require_predict_key, store_unavailable
-from app.api.strict_json import may_have_duplicate_keys
 from app.api.v2_binary import (
     BinaryAnswer,
     binary_outputs,
@@ -35,7 +34,7 @@ from app.api.v2_binary import (
     split_body,
 )
 from app.core.features import FeatureSchema, SchemaError
-from app.serving.batcher import InferenceResult
+from app.serving.batcher import Float32Overflow, InferenceResult
 from app.serving.holder import LoadedModel
 from app.storage import UnknownVersion
 
@@ -49,31 +48,40 @@ def _server_version() -> str:
         return "0"
 
 
-def _plain_rows(body: bytes, width: int) -> np.ndarray | None:
-    """The common case, parsed cheaply: ``{"inputs": [[number × width], …]}`` → float32 rows.
+class _PlainRows(msgspec.Struct):
+    inputs: list[list[float]]
 
-    Anything unusual (bad JSON, NaN/Infinity, strings, booleans, wrong widths, float32
-    overflow, a key that may be duplicated …) returns None and goes through the validating
-    parser, which names the field.
+
+_decode_plain = msgspec.json.Decoder(_PlainRows).decode  # typed, in C: no per-value Python loop
+
+
+def _plain_rows(body: bytes, width: int) -> np.ndarray | None:
+    """The common case, parsed cheaply: ``{"inputs": [[number × width], …]}`` → float64 rows.
+
+    Anything unusual (more keys than ``inputs``, bad JSON, NaN/Infinity, strings, booleans,
+    nulls, wrong widths …) returns None and goes through the validating parser, which names
+    the field. Exactly one colon means ``inputs`` is the only key, so no key can be duplicated
+    (the parser would keep the last silently). float32 overflow is left to the batcher, which
+    converts the whole batch at once (``Float32Overflow``: see ``predict_payload``).
     """
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
+    if body.count(b":") != 1:
         return None
-    rows = obj.get("inputs") if type(obj) is dict else None
-    if type(rows) is not list or not rows:
+    try:
+        rows = _decode_plain(body).inputs
+    except msgspec.DecodeError:
+        return None
+    if not rows:
         return None
     for row in rows:
-        if type(row) is not list or len(row) != width:
+        if len(row) != width:
             return None
-        for v in row:
-            if type(v) is not float and type(v) is not int:
-                return None
-    if may_have_duplicate_keys(body, obj):  # one colon in the usual body: two memchr scans
-        return None
-    with np.errstate(over="ignore"):  # float32 overflow → inf → the validating path reports it
-        x = np.array(rows, dtype=np.float32)
-    return x if np.isfinite(x).all() else None
+    return np.array(rows)  # float64 holds any number the decoder accepts
+
+
+def _validated_rows(body: bytes, loaded: LoadedModel) -> np.ndarray:
+    """The validating way: named rows, and a 4xx naming the field for anything wrong."""
+    req = parse_body(PredictRequest, body)
+    return parse_rows(req.inputs, loaded.schema, _input_row, "inputs")
 
 
 def _input_row(i: int) -> str:
@@ -92,9 +100,11 @@ def predict_body(schema: FeatureSchema, result: InferenceResult) -> dict[str, An
             "outputs": out}
 
 
-def check_finite_outputs(outputs: np.ndarray, where: Callable[[int], str]) -> None:
+def check_finite_outputs(result: InferenceResult, where: Callable[[int], str]) -> None:
     """Finite inputs can still drive a net to inf/NaN (e.g. 3e38 everywhere); never a success."""
-    bad = ~np.isfinite(outputs)
+    if result.finite:  # the batcher checked the whole batch at once
+        return
+    bad = ~np.isfinite(result.outputs)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
         raise ApiError(422, f"{where(row)}: the model's output is not finite for this row (its values are "
@@ -105,13 +115,15 @@ async def predict_payload(st: AppState, body: bytes) -> dict[str, Any]:
     """POST /predict: the whole request → answer step (raises ApiError for client errors)."""
     loaded = st.require_model()
     x = _plain_rows(body, loaded.input_dim)
-    if x is None:  # named rows, or something to report: the validating way
-        req = parse_body(PredictRequest, body)
-        x = parse_rows(req.inputs, loaded.schema, _input_row, "inputs")
+    if x is None:  # named rows, or something to report
+        x = _validated_rows(body, loaded)
     st.check_ranges(loaded.schema, x, "predict", _input_row, refuse=False)
     # pinned to the version the rows were checked against (its feature order, its classes)
-    result = await st.infer(x, loaded)
-    check_finite_outputs(result.outputs, _input_row)
+    try:
+        result = await st.infer(x, loaded)
+    except Float32Overflow:  # the plain parse left this check to the batch: name the value
+        result = await st.infer(_validated_rows(body, loaded), loaded)
+    check_finite_outputs(result, _input_row)
     return predict_body(loaded.schema, result)
 
 
@@ -414,7 +426,7 @@ async def v2_infer_payload(st: AppState, body: bytes, name: str, version: str | 
     x = _v2_input(req, loaded, raw)
     st.check_ranges(loaded.schema, x, "v2", _v2_row, refuse=False)
     result = await st.infer(x, loaded)  # pinned: the schema that parsed the rows formats the answer
-    check_finite_outputs(result.outputs, lambda r: f"inputs (row {r})")
+    check_finite_outputs(result, lambda r: f"inputs (row {r})")
     answer = {"model_name": name, "model_version": str(result.version),
               "id": req.id if req.id is not None else uuid.uuid4().hex}
     if not any(binary):  # all JSON: the usual answer

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -60,6 +61,29 @@ async def _poll_active_version(holder: ModelHolder, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
+def settle_heap() -> tuple[int, int, int]:
+    """Tune the garbage collector for serving, once everything long-lived exists.
+
+    The ~250k objects allocated by now (torch, FastAPI, SQLAlchemy …) live as long as the
+    process: frozen, they are out of the collector's reach, where every full collection under
+    load used to walk them all and stall the event loop for 100+ ms (the p99). A young
+    generation of 10,000 instead of 700 allocations: each request allocates a few dozen
+    containers that die young by reference counting, so collecting them 14× less often costs
+    nothing in memory and saves a few % of CPU per request.
+    """
+    before = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, *before[1:])
+    return before
+
+
+def unsettle_heap(threshold: tuple[int, int, int]) -> None:
+    """Undo ``settle_heap`` at shutdown: what dies with the app (in tests, the app) can be collected."""
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
 class SkqkApp:
     """The ASGI entry point: limits + metrics, the inference fast path, then FastAPI.
 
@@ -67,13 +91,11 @@ class SkqkApp:
     everything else (``state``, ``routes``, ``openapi()`` …) is the FastAPI app's.
     """
 
-    def __init__(self, api: FastAPI, settings: Settings, metrics: ServingMetrics) -> None:
+    def __init__(self, api: FastAPI, settings: Settings, metrics: ServingMetrics,
+                 fast: InferenceFastPath | None) -> None:
         self.fastapi = api
-        inner: Any = api
-        if settings.fast_path:
-            inner = InferenceFastPath(api, lambda: getattr(api.state, "skqk", None))
-        self._http = ServingMiddleware(inner, metrics=metrics, limits=BodyLimits.from_settings(settings),
-                                       store_timeout_s=settings.store_timeout_s)
+        self._http = ServingMiddleware(api, metrics=metrics, limits=BodyLimits.from_settings(settings),
+                                       store_timeout_s=settings.store_timeout_s, fast=fast)
         install_store_error_handler(api)  # a store failure escaping a route: 503, not 500
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -111,6 +133,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     settings = settings or get_settings()
     metrics = ServingMetrics()
     api_key = resolve_api_key(settings)
+    fast = InferenceFastPath() if settings.fast_path else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -122,7 +145,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                              warmup_batch_sizes=(1, settings.max_batch_size),
                              version_cache_size=settings.version_cache_size)
         batcher = Batcher(holder, settings.max_batch_size, settings.max_queue_delay_ms,
-                          settings.max_queue_size, metrics, torch_threads=settings.torch_threads)
+                          settings.max_queue_size, metrics, torch_threads=settings.torch_threads,
+                          inference_thread=settings.inference_thread)
         await batcher.start()
 
         def on_finished(job: JobRecord) -> None:
@@ -131,6 +155,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
         runner = build_runner(settings, st_store, on_finished=on_finished, metrics=metrics)
         app.state.skqk = AppState(settings, st_store, metrics, holder, batcher, runner, api_key)
+        if fast is not None:
+            fast.state = app.state.skqk
         poll = asyncio.create_task(_poll_active_version(holder, settings.poll_interval_s))
         subscriber = None
         if settings.redis_url:  # distributed: hear promotions at once; the poll covers lost messages
@@ -140,9 +166,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
             subscriber = ActivationSubscriber(settings.redis_url, on_activated)
             subscriber.start()
+        gc_threshold = settle_heap()
         try:
             yield
         finally:
+            if fast is not None:
+                fast.state = None
+            unsettle_heap(gc_threshold)
             if subscriber is not None:
                 subscriber.stop()
             poll.cancel()
@@ -174,4 +204,4 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             metrics.store_up.set(0)
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    return SkqkApp(app, settings, metrics)
+    return SkqkApp(app, settings, metrics, fast)

@@ -20,18 +20,21 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.body_budget import BodyBudget
 from app.api.errors import error_response
+from app.api.fastpath import InferenceFastPath
 from app.api.v2_binary import OCTET_STREAM, is_v2_infer
+from app.serving.loop_metrics import LoopHistogramChild
 from app.serving.metrics import ServingMetrics
 from app.settings import Settings
 from app.storage.guard import set_call_timeout
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
+_EMPTY_BODY: Message = {"type": "http.request", "body": b"", "more_body": False}  # no body: nothing read
 SMALL_BODY = 64 * 1024  # not counted: uvicorn buffers this much per connection anyway
 CLOSE = {"Connection": "close"}
 
@@ -73,55 +76,71 @@ class Refusal(NamedTuple):
 
 class ServingMiddleware:
     def __init__(self, app: ASGIApp, metrics: ServingMetrics, limits: BodyLimits,
-                 store_timeout_s: float | None = None) -> None:
+                 store_timeout_s: float | None = None, fast: InferenceFastPath | None = None) -> None:
         self.app = app
+        self.fast = fast  # answers the inference routes below FastAPI, from the body read here
         self.metrics = metrics
         self.limits = limits
         self.max_body_bytes = limits.max_body_bytes
         self.budget = BodyBudget(limits.max_inflight_body_bytes, limits.body_budget_wait_s)
         self.store_timeout_s = store_timeout_s
-        self._latency: dict[tuple[str, str, int], Any] = {}  # labelled children, looked up once
+        self._latency: dict[tuple[str, str, int], LoopHistogramChild] = {}  # looked up once per key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = [500]
-        metrics = self.metrics
-        metrics.in_flight.inc()
+        status = 500
+        in_flight = self.metrics.in_flight
+        in_flight.value += 1
         if self.store_timeout_s is not None:
             set_call_timeout(self.store_timeout_s)  # this request's task (and its threads) only
         held = 0
         try:
+            fast = self.fast.match(scope) if self.fast is not None else None
+            message: Message = _EMPTY_BODY
             if scope["method"] in BODY_METHODS:
                 checked = await self._read_body(scope, receive)
                 if type(checked) is Refusal:
-                    status[0] = checked.status
+                    status = checked.status
                     await error_response(scope["path"], checked.status, checked.message,
                                          checked.headers)(scope, receive, send)
                     return
-                receive, held = checked
+                message, held = checked
+            if fast is not None and message["type"] == "http.request":
+                scope["skqk.route"] = fast[0]
+                status = await self.fast.respond(scope, message["body"], send, *fast)  # type: ignore[union-attr]
+                return
+            if message is not _EMPTY_BODY:
+                receive = _replay_message(message, receive)
+            sent: list[int] = []
 
             async def send_status(message: Message) -> None:
                 if message["type"] == "http.response.start":
-                    status[0] = message["status"]
+                    sent.append(message["status"])
                 await send(message)
 
-            await self.app(scope, receive, send_status)
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                status = sent[0] if sent else 500
         finally:
             if held:
                 self._release(held)
-            metrics.in_flight.dec()
+            in_flight.value -= 1
             label = scope.get("skqk.route") or getattr(scope.get("route"), "path", None) or "unmatched"
-            key = (scope["method"], label, status[0])
+            key = (scope["method"], label, status)
             child = self._latency.get(key)
             if child is None:
-                child = self._latency[key] = metrics.request_latency.labels(key[0], label, str(key[2]))
+                child = self._latency[key] = self.metrics.request_latency.labels(key[0], label, str(status))
             child.observe(time.perf_counter() - started)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[Receive, int] | Refusal:
-        """Check the headers, reserve, read the whole body in time: (replaying receive, bytes held)."""
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[Message, int] | Refusal:
+        """Check the headers, reserve, read the whole body in time: (the body as one message, bytes held).
+
+        The message is ``http.request`` with the whole body, or what ended the reading (a disconnect).
+        """
         content_length: int | None = None
         content_type: str | None = None
         encoding: bytes | None = None
@@ -151,7 +170,7 @@ class ServingMiddleware:
             return Refusal(415, f"Content-Encoding {encoding.decode('latin-1')[:40]!r} is not supported; "
                                 "send the body uncompressed")
         if not has_body:
-            return receive, 0
+            return _EMPTY_BODY, 0
         held = [0]  # bytes reserved for this body so far
         if content_length is not None and content_length > SMALL_BODY:
             refused = await self._reserve(content_length)
@@ -174,8 +193,8 @@ class ServingMiddleware:
             raise
 
     async def _read(self, receive: Receive, held: list[int], content_length: int | None
-                    ) -> tuple[Receive, int] | Refusal:
-        """The whole body → (a receive replaying it, bytes held); a Refusal gives them back.
+                    ) -> tuple[Message, int] | Refusal:
+        """The whole body → (one message holding it, bytes held); a Refusal gives them back.
 
         ``held[0]`` always says what is reserved, so a timeout can give back a chunked reservation.
         """
@@ -185,7 +204,7 @@ class ServingMiddleware:
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away: pass that on
-                return _replay_message(message, receive), held[0]
+                return message, held[0]
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -207,7 +226,7 @@ class ServingMiddleware:
             self._release(held[0] - size)
             held[0] = size
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        return _replay_message({"type": "http.request", "body": body, "more_body": False}, receive), held[0]
+        return {"type": "http.request", "body": body, "more_body": False}, held[0]
 
     def _over_budget(self, size: int) -> Refusal:
         return Refusal(413, f"request body of {size} bytes exceeds the in-flight body budget of "

@@ -54,16 +54,24 @@ class MLPForward(torch.nn.Module):
         net = model.estimator.net  # the fixed affine maps are the same in selector and estimator
         self.norm = (net.in_mean.clone(), net.in_inv_std.clone()) if net.has_input_norm else None
         self.out = (net.out_scale.clone(), net.out_shift.clone()) if net.has_output_affine else None
+        # Equal hidden weights (after an import, a full retrain or a readout-only QK retrain, the
+        # default) make the gated estimator's hidden activations the selector's own ReLU
+        # activations: one pass instead of two, exactly.
+        self.shared = model.shares_hidden_layers()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm is not None:
             x = (x - self.norm[0]) * self.norm[1]
         hs = he = x
-        for (ws, bs), (we, be) in zip(self.sel, self.est, strict=False):
-            zs = torch.addmm(bs, hs, ws)
-            gate = zs > 0
-            hs = zs.clamp_min_(0)
-            he = torch.addmm(be, he, we).mul_(gate)
+        if self.shared:
+            for ws, bs in self.sel:
+                he = torch.addmm(bs, he, ws).clamp_min_(0)
+        else:
+            for (ws, bs), (we, be) in zip(self.sel, self.est, strict=False):
+                zs = torch.addmm(bs, hs, ws)
+                gate = zs > 0
+                hs = zs.clamp_min_(0)
+                he = torch.addmm(be, he, we).mul_(gate)
         we, be = self.est[-1]
         out = torch.addmm(be, he, we)
         return out if self.out is None else out.mul_(self.out[0]).add_(self.out[1])
@@ -135,6 +143,7 @@ class LoadedModel:
     device: torch.device
     loaded_at: float = field(default_factory=time.time)
     runner: torch.nn.Module | None = None  # what infer() calls: traced when possible
+    batch_seconds: float = 0.0  # one warm pass at the largest warm-up batch (the serving batch size)
     # plain attributes: read on every request, so not derived through nn.Module lookups
     spec: ArchSpec = field(init=False)
     input_dim: int = field(init=False)
@@ -191,6 +200,10 @@ class ModelHolder:
             out = loaded.infer(np.zeros((n, loaded.input_dim), dtype=np.float32))
             if out.shape != (n, loaded.num_outputs) or not np.isfinite(out).all():
                 raise RuntimeError(f"version {version} failed its warm-up (output {out.shape})")
+        largest = np.zeros((max(self.warmup_batch_sizes, default=1), loaded.input_dim), dtype=np.float32)
+        started = time.perf_counter()
+        loaded.infer(largest)
+        loaded.batch_seconds = time.perf_counter() - started
         return loaded
 
     def _cached_or_load(self, version: int) -> LoadedModel:

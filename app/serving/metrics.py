@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from app.serving.loop_metrics import LoopGauge, LoopHistogram
+
 if TYPE_CHECKING:
     from app.serving.retrain_stats import RetrainStats
 
@@ -25,17 +27,18 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.request_latency = Histogram(
+        # observed on the event loop for every request: lock-free (app/serving/loop_metrics.py)
+        self.request_latency = LoopHistogram(
             "skqk_request_latency_seconds", "HTTP request latency by route", ["method", "route", "status"],
             buckets=LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("skqk_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.in_flight = LoopGauge("skqk_requests_in_flight", "HTTP requests being handled", registry=r)
         self.body_bytes_in_flight = Gauge(
             "skqk_request_body_bytes_in_flight", "bytes of large request bodies (over 64 KiB) being read "
             "or handled (SKQK_MAX_INFLIGHT_BODY_BYTES bounds it)", registry=r)
         self.store_up = Gauge("skqk_store_up", "1 when the SQL store answered the last probe or /metrics "
                               "read in time (SKQK_STORE_HEALTH_TIMEOUT_S), else 0", registry=r)
-        self.queue_time = Histogram("skqk_batch_queue_seconds", "time a request waited for its batch",
-                                    buckets=QUEUE_BUCKETS, registry=r)
+        self.queue_time = LoopHistogram("skqk_batch_queue_seconds", "time a request waited for its batch",
+                                        (), buckets=QUEUE_BUCKETS, registry=r)
         self.batch_size = Histogram("skqk_batch_size_rows", "rows per forward pass",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.batch_requests = Histogram("skqk_batch_size_requests", "requests merged per forward pass",

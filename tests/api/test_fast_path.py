@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+from pathlib import Path
 
 import httpx
 
+from app.api.main import create_app
+from app.settings import Settings
 from tests.helpers.server import ServerProcess
 
 ROW = [0.25] * 64
@@ -17,6 +22,9 @@ CASES = [
     ("/predict", {"inputs": [["x", *ROW[1:]]]}),
     ("/predict", '{"inputs": [[NaN' + ", 0" * 63 + "]]}"),
     ("/predict", "{broken"),
+    ("/predict", {"inputs": [ROW, [*ROW[:-1], 1e39]]}),  # float32 overflow: found in the batch
+    ("/predict", {"inputs": [ROW], "note": "extra keys take the validating parse"}),
+    ("/predict", '{"inputs": [[0.5' + ", 0" * 63 + ']], "inputs": [[1' + ", 0" * 63 + "]]}"),
     (V2, {"id": "a", "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": ROW}]}),
     (V2, {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "INT8", "data": ROW}]}),
     ("/v2/models/skqk/versions/1/infer",
@@ -42,3 +50,18 @@ def test_fast_path_and_fastapi_routes_agree(api_server: ServerProcess, server_fa
             assert fast == routed, (path, payload, fast, routed)
             statuses.add(fast[0])
     assert statuses == {200, 400, 404, 422}  # the cases cover answers and every error kind
+
+
+def test_the_long_lived_heap_is_frozen_while_the_app_runs(tmp_path: Path) -> None:
+    """Full collections must not walk torch's and FastAPI's objects under load (the p99 stalls)."""
+    before = gc.get_threshold()
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/s.db", api_key="k")
+    api = create_app(settings).fastapi
+
+    async def run() -> None:
+        async with api.router.lifespan_context(api):
+            assert gc.get_freeze_count() > 10_000
+            assert gc.get_threshold()[0] == 10_000
+
+    asyncio.run(run())
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before  # collectable again

@@ -73,6 +73,23 @@ def test_serving_fast_forward_applies_the_affines():
         assert torch.allclose(runner(x), model(x), rtol=1e-4, atol=1e-3)
 
 
+def test_serving_fast_forward_takes_one_pass_exactly_when_hidden_layers_are_shared():
+    spec = SPECS["mlp"]
+    model = DecoupledModel(PathSelector(ReLUNet(spec, seed=5)), Estimator(ReLUNet(spec, seed=5))).eval()
+    with torch.no_grad():  # a readout-only QK retrain: only the last layer differs
+        model.estimator.net.blocks[-1].weight.mul_(1.5)
+    x = raw_inputs(spec, 40)
+    runner = compile_for_inference(model, torch.device("cpu"))
+    assert isinstance(runner, MLPForward) and runner.shared
+    with torch.no_grad():
+        one_pass = runner(x)
+        runner.shared = False  # the two-pass gated estimator on the same weights
+        assert torch.equal(one_pass, runner(x))
+        assert torch.allclose(one_pass, model(x), rtol=1e-5, atol=1e-6)
+        model.estimator.net.blocks[0].bias.add_(0.1)  # a hidden layer moves: two passes again
+    assert not compile_for_inference(model, torch.device("cpu")).shared
+
+
 def test_ridge_readout_picks_penalty_on_validation_and_solves_it_exactly():
     gen = torch.Generator().manual_seed(0)
     phi = torch.randn(400, 10, generator=gen, dtype=torch.float64)

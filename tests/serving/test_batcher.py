@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from app.serving.batcher import Batcher, NotReady, QueueFull
+from app.serving.batcher import Batcher, Float32Overflow, NotReady, QueueFull
 from app.serving.metrics import ServingMetrics
 
 
@@ -22,9 +22,12 @@ class FakeModel:
     delay: float = 0.0
     calls: list[int] = field(default_factory=list)
     gate: threading.Event | None = None
+    batch_seconds: float = 0.0
+    threads: list[str] = field(default_factory=list)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         self.calls.append(x.shape[0])
+        self.threads.append(threading.current_thread().name)
         if self.gate is not None:
             self.gate.wait(10)
         if self.delay:
@@ -159,3 +162,49 @@ def test_no_model_means_not_ready() -> None:
 
     with pytest.raises(NotReady):
         run(_with_batcher(FakeHolder(None), body))
+
+
+def test_a_closed_loop_below_the_batch_size_is_not_held_for_the_whole_delay() -> None:
+    # Rounds of 3 concurrent requests with a 60 s max delay: once the 3 are queued, no more
+    # arrive, so each batch goes at once instead of waiting for 64 rows or 60 s.
+    model = FakeModel(1)
+
+    async def body(b: Batcher) -> None:
+        for _ in range(4):
+            await asyncio.wait_for(asyncio.gather(*(b.infer(_row(i)) for i in range(3))), 20)
+
+    run(_with_batcher(FakeHolder(model), body, max_batch_size=64, max_queue_delay_ms=60_000))
+    assert sum(model.calls) == 12 and max(model.calls) == 3
+
+
+def test_float64_rows_are_converted_per_batch_and_an_overflow_fails_only_its_request() -> None:
+    model = FakeModel(1, delay=0.01)
+
+    async def body(b: Batcher) -> list:
+        rows = [np.array([[i, 0.0, 0.0]]) for i in range(6)]  # float64, as the plain /predict parse gives
+        rows[3] = np.array([[3.0, 1e39, 0.0]])  # finite in float64, inf in float32
+        return await asyncio.gather(*(b.infer(r) for r in rows), return_exceptions=True)
+
+    results = run(_with_batcher(FakeHolder(model), body, max_batch_size=64, max_queue_delay_ms=5))
+    assert isinstance(results[3], Float32Overflow)
+    for i in (0, 1, 2, 4, 5):
+        assert results[i].outputs.dtype == np.float32 and results[i].outputs[0, 1] == i
+    assert sum(model.calls) == 5
+
+
+@pytest.mark.parametrize(("setting", "one_cpu", "batch_seconds", "on_loop"), [
+    ("off", False, 1.0, True),
+    ("on", True, 0.0, False),
+    ("auto", True, 0.0005, True),
+    ("auto", True, 0.5, False),  # a long pass keeps the loop answering (the OS time-slices it)
+    ("auto", False, 0.0005, False),  # several CPUs: the thread runs beside the loop
+])
+def test_where_forward_passes_run(setting: str, one_cpu: bool, batch_seconds: float, on_loop: bool) -> None:
+    model = FakeModel(1, batch_seconds=batch_seconds)
+
+    async def body(b: Batcher) -> None:
+        b._one_cpu = one_cpu
+        await b.infer(_row(0))
+
+    run(_with_batcher(FakeHolder(model), body, inference_thread=setting))
+    assert (model.threads == [threading.main_thread().name]) is on_loop
