@@ -14,6 +14,7 @@ import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
@@ -22,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
+    from app.settings import Settings
     from app.storage import SampleSelection, Store, StoredSample
 
 samples_app = typer.Typer(help="List, quarantine, release or delete stored samples (audited).",
@@ -141,6 +143,66 @@ def delete(ids: str | None = IDS, from_id: int | None = FROM_ID, to_id: int | No
                              err=True):
             _fail("not deleted", 1)
     _act("delete", selection, reason)
+
+
+@samples_app.command()
+def retain(archive: Path | None = typer.Option(None, "--archive", help="first write the retained-out rows "
+                                                 "to this Parquet file (needs the files extra)"),
+           delete_rows: bool = typer.Option(False, "--delete", help="then delete them (audited)"),
+           reason: str | None = REASON,
+           yes: bool = typer.Option(False, "--yes", "-y", help="do not ask before deleting")) -> None:
+    """Archive and/or delete the samples outside the retention window (SKQK_RETENTION).
+
+    The window is what retrains use (the last SKQK_RETENTION_N samples of the active version's
+    schema, or those of the last SKQK_RETENTION_DAYS); every stored row at or below its lowest
+    id is retained out. Ids never change, so the rows left keep their train/holdout roles.
+    """
+    from app.settings import get_settings
+    from app.storage import SampleSelection
+
+    settings = get_settings()
+    if settings.retention == "all":
+        console.print("SKQK_RETENTION=all: every sample is in the window; nothing to do", highlight=False)
+        return
+    if archive is None and not delete_rows:
+        _fail("give --archive FILE, --delete, or both", 2)
+    with _store() as store:
+        floor = _retention_floor(store, settings)
+        selection = SampleSelection(to_id=floor) if floor > 0 else None
+        matched = store.count_selected(selection) if selection is not None else 0
+        what = f"{matched} samples with id ≤ {floor} (retention {settings.retention})"
+        if matched == 0 or selection is None:
+            console.print(f"nothing outside the window ({what})", highlight=False)
+            return
+        if archive is not None:
+            from app.storage.archive import archive_samples
+
+            written = archive_samples(store, floor, archive)
+            console.print(f"archived {written} samples with id ≤ {floor} to {archive}", highlight=False)
+        if not delete_rows:
+            return
+        if not yes and not typer.confirm(f"delete {what} for good?", default=False, err=True):
+            _fail("not deleted", 1)
+        why = reason or f"retention {settings.retention}: outside the window (id ≤ {floor})"
+        if archive is not None:
+            why += f"; archived to {archive.name}"
+        outcome = store.delete_samples(selection, cli_actor(), why)
+        console.print(f"delete: {outcome.affected} samples (id ≤ {floor}); audit #{outcome.audit_id}; "
+                      f"retrains now use {store.sample_count()} samples", markup=False, highlight=False)
+
+
+def _retention_floor(store: Store, settings: Settings) -> int:
+    from app.core.spec import ArchSpec
+    from app.serving.sample_stream import retention_floor
+    from app.serving.version_schema import schema_of
+
+    active = store.active_version()
+    record = store.get_version(active, weights=False) if active is not None else None
+    if record is None:
+        _fail("no active model version: the window follows its feature schema", 1)
+    spec = ArchSpec.from_dict(record.architecture)
+    n_targets = spec.num_outputs if schema_of(record, spec).is_regression else None
+    return retention_floor(store, settings, spec.input_dim, store.max_sample_id(), n_targets)
 
 
 def _label(row: StoredSample) -> str:

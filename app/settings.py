@@ -146,6 +146,25 @@ class Settings(BaseSettings):
     retrain_republish_s: float = Field(
         30.0, gt=0, description="distributed: a queued job whose message no worker started within "
                                 "this is published again (a worker died holding it)")
+    # ---- growing data (issue 13: docs/SCALING.md) ----------------------------------------------
+    retrain_memory_mb: int = Field(
+        1024, ge=1, description="retrains: memory for sample and feature chunks; the store is read in "
+                                 "chunks sized to it, and a full retrain whose data fit it trains in memory")
+    feature_cache: bool = Field(True, description="qk retrains keep each sample's penultimate features "
+                                                  "per selector version and compute only new ones")
+    feature_cache_dir: Path | None = Field(None, description="default {data_dir}/feature-cache; a shared "
+                                                             "volume lets sharded workers share it")
+    feature_cache_keep: int = Field(3, ge=1, description="feature caches (selector versions) kept on disk")
+    retrain_refit_max_rows: int = Field(
+        0, ge=0, description="qk refit: use every new training row and a fixed, id-hashed sample of the old "
+                             "ones, weighted, up to this many rows (0: every row, exact full batch)")
+    retention: Literal["all", "last_n", "last_days"] = Field(
+        "all", description="what a retrain trains and judges on: all samples, the last N, the last T days")
+    retention_n: int = Field(1_000_000, ge=1, description="retention=last_n: this many newest samples")
+    retention_days: float = Field(90.0, gt=0, description="retention=last_days: samples this young")
+    retrain_shards: int = Field(
+        0, ge=0, description="distributed qk retrains: split the feature pass into this many Celery "
+                             "tasks (group/chord, needs a shared feature_cache_dir); 0: one worker")
     retrain_test_pause_file: Path | None = Field(
         None, description="test knob only: while this file exists, a Celery worker's retrain "
                           "waits after each epoch (tests hold a job mid-training)")
@@ -168,6 +187,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'skqk.db').resolve()}"
+
+    @property
+    def resolved_feature_cache_dir(self) -> Path:
+        default = self.data_dir / "feature-cache"
+        return self.feature_cache_dir if self.feature_cache_dir is not None else default
 
     @property
     def api_key_file(self) -> Path:

@@ -33,7 +33,9 @@ from app.distributed import (
     publish_activated,
     redis_client,
 )
+from app.serving.models import load_model
 from app.serving.retrain_job import JobInterrupted, JobNotQueued, run_retrain_job
+from app.serving.sharded_features import SHARD_TASK, run_shard, sharded_pass
 from app.settings import Settings, get_settings
 from app.storage import Store
 from workers.celery_app import celery_app
@@ -132,9 +134,10 @@ def retrain(self: Any, job_id: str, mode: str) -> dict[str, Any]:
 
             try:
                 ran = True
+                shards = sharded_pass(settings.retrain_shards) if settings.retrain_shards > 1 else None
                 result = run_retrain_job(store, settings, job_id, mode, should_cancel=should_cancel,
                                          on_progress=on_progress, fence=fence,
-                                         actor=f"celery:{socket.gethostname()}")
+                                         actor=f"celery:{socket.gethostname()}", feature_pass=shards)
             except JobNotQueued as exc:  # another delivery won the start, or it was cancelled
                 ran = exc.status not in ("queued", "running")  # a finished job's lock is garbage
                 log.info("%s: this delivery does nothing", exc)
@@ -156,4 +159,21 @@ def retrain(self: Any, job_id: str, mode: str) -> dict[str, Any]:
         if ran:
             with contextlib.suppress(RedisError):  # else the lock simply expires
                 lock.release_for(job_id)
+        store.dispose()
+
+
+@celery_app.task(name=SHARD_TASK)
+def feature_shard(version: int, key: str, window: dict[str, Any], block_ids: int, audit_mark: int,
+                  indices: list[int]) -> dict[str, Any]:
+    """One shard of a QK retrain's feature pass (app.serving.sharded_features): compute the
+    blocks no other worker has, into the shared feature cache."""
+    settings = get_settings()
+    store = Store(settings.resolved_database_url)
+    try:
+        model, _record = load_model(store, version)
+        done = run_shard(store, settings.resolved_feature_cache_dir, model, key, window, block_ids,
+                         audit_mark, indices)
+        log.info("feature shard of version %d: computed blocks %s of %s", version, done, indices)
+        return {"worker": socket.gethostname(), "computed": done, "shard": indices}
+    finally:
         store.dispose()

@@ -57,6 +57,7 @@ measured on 512 rows). Two things account for n:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -181,20 +182,38 @@ def structural_drift(selector: PathSelector, reference_x: torch.Tensor, new_x: t
     chosen gates (firing rates use all). Cost: selector passes over those rows and two
     ``query_size × bank_size × max_gates`` matrix products; deterministic for a given seed.
     """
+    return structural_drift_rows(selector, int(reference_x.shape[0]), int(new_x.shape[0]),
+                                 lambda rows: reference_x[rows.to(reference_x.device)],
+                                 lambda rows: new_x[rows.to(new_x.device)], bank_size=bank_size,
+                                 query_size=query_size, max_gates=max_gates, seed=seed,
+                                 thresholds=thresholds)
+
+
+RowTaker = Callable[[torch.Tensor], torch.Tensor]  # row positions → those rows' features
+
+
+@torch.no_grad()
+def structural_drift_rows(selector: PathSelector, n_reference: int, n_new: int, take_reference: RowTaker,
+                          take_new: RowTaker, *, bank_size: int = 1024, query_size: int = 512,
+                          max_gates: int = 2048, seed: int = 0,
+                          thresholds: DriftThresholds | None = None) -> DriftReport:
+    """:func:`structural_drift` over data too large to hold: ``n_reference`` / ``n_new`` rows of
+    which only the sampled ones are fetched, by position, through ``take_reference`` /
+    ``take_new`` (the same positions, hence the same report, as with the whole tensors)."""
     thresholds = thresholds or DriftThresholds()
-    if reference_x.shape[0] < 2 or new_x.shape[0] < 1:
+    if n_reference < 2 or n_new < 1:
         raise ValueError("need at least 2 reference samples and 1 new sample")
     device = next(selector.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    ref_rows = _sample(reference_x.shape[0], bank_size + query_size, generator)
+    ref_rows = _sample(n_reference, bank_size + query_size, generator)
     n_held = min(query_size, ref_rows.numel() // 2)  # small reference sets: split in halves
     n_bank = min(bank_size, ref_rows.numel() - n_held)
     bank_rows, held_rows = ref_rows[:n_bank], ref_rows[n_bank:n_bank + n_held]
-    new_rows = _sample(new_x.shape[0], query_size, generator)
+    new_rows = _sample(n_new, query_size, generator)
 
-    bank = gate_patterns(selector, reference_x[bank_rows.to(reference_x.device)].to(device))
-    held = gate_patterns(selector, reference_x[held_rows.to(reference_x.device)].to(device))
-    new = gate_patterns(selector, new_x[new_rows.to(new_x.device)].to(device))
+    bank = gate_patterns(selector, take_reference(bank_rows).to(device))
+    held = gate_patterns(selector, take_reference(held_rows).to(device))
+    new = gate_patterns(selector, take_new(new_rows).to(device))
 
     cols = _sample(bank.shape[1], max_gates, generator).to(device)
     held_nn = nearest_hamming(held[:, cols], bank[:, cols])
@@ -209,13 +228,13 @@ def structural_drift(selector: PathSelector, reference_x: torch.Tensor, new_x: t
     rate_base = float((rate_held - rate_bank).abs().mean()) if bank.shape[1] else 0.0
     rate_base *= noise_scale(int(new.shape[0]), int(held.shape[0]), int(bank.shape[0]))
     rate_ratio = rate_l1 / max(rate_base, 1e-6)
-    volume = new_x.shape[0] / reference_x.shape[0]
+    volume = n_new / n_reference
 
-    n_new = int(new.shape[0])
+    n_sampled = int(new.shape[0])
     recommend, reason = thresholds.decide({"rate_ratio": rate_ratio, "nn_ratio": nn_ratio,
-                                           "far_fraction": far, "volume_ratio": volume}, n_new)
+                                           "far_fraction": far, "volume_ratio": volume}, n_sampled)
     return DriftReport(nn_hamming=nn_new, nn_hamming_baseline=baseline, nn_ratio=nn_ratio,
                        far_fraction=far, rate_l1=rate_l1, rate_l1_baseline=rate_base,
                        rate_ratio=rate_ratio, volume_ratio=volume, n_reference=int(bank.shape[0]),
-                       n_new=n_new, recommend_full=recommend, reason=reason,
-                       n_new_samples=int(new_x.shape[0]), judged=thresholds.judged(n_new))
+                       n_new=n_sampled, recommend_full=recommend, reason=reason,
+                       n_new_samples=n_new, judged=thresholds.judged(n_sampled))

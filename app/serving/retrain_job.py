@@ -4,17 +4,21 @@
 
 1. marks the job ``running`` in the SQL job row and snapshots the data watermark
    (largest sample id) and the active version (the champion);
-2. loads every sample up to the watermark with the champion's feature count and splits it
-   by the stable id rule of :mod:`app.serving.splits` (holdout never trained on); measures
-   the structural drift of the samples added since the selector was trained
-   (:func:`app.core.drift.structural_drift`: does ``mode=full`` look needed?);
+2. streams the samples up to the watermark (inside the ``SKQK_RETENTION`` window) with the
+   champion's feature count from the store in chunks (:mod:`app.serving.sample_stream`;
+   ``qk``/``auto``: through the feature cache, :mod:`app.serving.cached_features`, which runs
+   the network only on blocks of ids it lacks), splits them by the stable id rule of
+   :mod:`app.serving.splits` (holdout never trained on), and measures the structural drift of
+   the samples added since the selector was trained on rows fetched by id
+   (:func:`app.core.drift.structural_drift_rows`: does ``mode=full`` look needed?);
 3. ``auto`` becomes ``full`` when that drift recommends it and ``qk`` otherwise (too few new
    samples to judge, none since the selector was trained, or nothing drifted); the result's
    ``mode`` says which ran and ``mode_reason`` why;
-4. ``qk``: refits only the estimator under the champion's frozen selector
-   (``app.core.training.train_qk``: a feature pass and a convex readout refit, no epochs);
-   ``full``: warm-starts a plain ReLU net from the selector and trains every weight; it
-   becomes selector and estimator;
+4. ``qk``: refits only the estimator's readout under the champion's frozen selector, a convex
+   problem over the cached features passed chunk by chunk (:mod:`app.serving.qk_refit`);
+   ``full``: warm-starts a plain ReLU net from the selector and trains every weight (in memory
+   while the rows fit ``SKQK_RETRAIN_MEMORY_MB``, else mini-batches streamed from the store);
+   it becomes selector and estimator;
 5. evaluates candidate and champion on the same holdout rows, registers the candidate
    (always, with its metrics), and promotes it by compare-and-set on the champion's version
    only if its holdout accuracy trails the champion's by no more than
@@ -34,23 +38,32 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from app.core.data import Split
 from app.core.device import pick_device
-from app.core.drift import DriftThresholds, structural_drift
+from app.core.drift import DriftThresholds, structural_drift_rows
 from app.core.features import FeatureSchema
 from app.core.network import DecoupledModel, Estimator, PathSelector
-from app.core.tasks import evaluate_task, holdout_metrics
-from app.core.training import TrainConfig, TrainingCancelled, TrainResult, train_full, train_qk
+from app.core.stream_metrics import StreamMetrics
+from app.core.stream_training import train_full_streamed
+from app.core.tasks import holdout_metrics
+from app.core.training import TrainConfig, TrainingCancelled, TrainResult, train_full
+from app.serving.cached_features import CachedFeatures, FeaturePass
+from app.serving.feature_cache import feature_key
 from app.serving.models import load_model, register_model, schema_of
-from app.serving.solver_progress import QKProgress, full_epoch_reporter
-from app.serving.splits import split_masks
+from app.serving.qk_refit import budget_weights, refit_readout
+from app.serving.sample_stream import HOLDOUT, TRAIN, VAL, DataWindow, block_rows, retention_floor
+from app.serving.solver_progress import full_epoch_reporter
+from app.serving.streamed_data import StoreBatches, evaluate_streamed, fetch_rows, load_role, window_ids
 from app.settings import Settings
 from app.storage import Store, VersionRecord
 
@@ -95,16 +108,6 @@ def choose_mode(drift: dict[str, Any] | None) -> tuple[str, str]:
     if drift.get("recommend_full"):
         return "full", f"auto: full, the drift rule recommends it ({drift['reason']})"
     return "qk", f"auto: qk ({drift['reason']})"
-
-
-def holdout_eval(model: DecoupledModel, holdout: Split, device: torch.device,
-                 task: str = "classification") -> dict[str, float]:
-    """``holdout_*`` metrics of a model (accuracy/log loss, or RMSE/MAE/R²)."""
-    model.to(device).eval()
-    data = holdout.to(device)
-    raw = evaluate_task(lambda x, _rows: model(x), data.x, data.y, task,
-                        model.estimator.net.to_layer_space)
-    return holdout_metrics(raw, task)
 
 
 def gate_decision(task: str, candidate: dict[str, float], champion: dict[str, float],
@@ -153,18 +156,23 @@ def selector_origin(store: Store, record: VersionRecord) -> VersionRecord:
 
 
 def selector_drift(store: Store, champion_record: VersionRecord, champion: DecoupledModel,
-                   ids: np.ndarray, x: torch.Tensor, min_new: int | None = None) -> dict[str, Any] | None:
-    """Structural drift of the samples added since the selector was trained (None if none)."""
+                   ids: np.ndarray, window: DataWindow, min_new: int | None = None) -> dict[str, Any] | None:
+    """Structural drift of the samples added since the selector was trained (None if none).
+
+    ``ids``: the window's ids in order; only the rows drift samples are fetched from the store.
+    """
     origin = selector_origin(store, champion_record)
     watermark = origin.data_watermark
     if watermark is None:
         return None
-    old, new = ids <= watermark, ids > watermark
-    if old.sum() < 2 or new.sum() < 1:
+    old_ids, new_ids = ids[ids <= watermark], ids[ids > watermark]
+    if len(old_ids) < 2 or len(new_ids) < 1:
         return None
     thresholds = DriftThresholds() if min_new is None else DriftThresholds(min_new_samples=min_new)
-    report = structural_drift(champion.selector, x[torch.from_numpy(old)], x[torch.from_numpy(new)],
-                              thresholds=thresholds)
+    report = structural_drift_rows(champion.selector, len(old_ids), len(new_ids),
+                                   lambda rows: fetch_rows(store, window, old_ids[rows.numpy()]),
+                                   lambda rows: fetch_rows(store, window, new_ids[rows.numpy()]),
+                                   thresholds=thresholds)
     return {**report.to_dict(), "selector_version": origin.version, "selector_watermark": watermark}
 
 
@@ -184,7 +192,8 @@ def run_retrain_job(store: Store, settings: Settings, job_id: str, mode: str, *,
                     corrupt_candidate: CandidateHook | None = None,
                     on_progress: ProgressHook | None = None,
                     fence: Callable[[], bool] | None = None,
-                    actor: str | None = None) -> dict[str, Any]:
+                    actor: str | None = None,
+                    feature_pass: Callable[[int], FeaturePass] | None = None) -> dict[str, Any]:
     """Run one retrain job to completion; returns (and stores) its result dict.
 
     Starts by a compare-and-set queued → running (:class:`JobNotQueued` if that fails: a
@@ -195,7 +204,8 @@ def run_retrain_job(store: Store, settings: Settings, job_id: str, mode: str, *,
     the hook fails it too).
     ``corrupt_candidate`` is applied to the trained candidate before evaluation. ``fence``
     is asked right before promotion (a Celery worker: "do I still own this job?"); False
-    registers the candidate but does not promote it.
+    registers the candidate but does not promote it. ``feature_pass(version)`` computes the
+    QK feature blocks another way (sharded across Celery workers, app.serving.sharded_features).
     """
     if mode not in REQUEST_MODES:
         raise ValueError(f"mode must be one of {REQUEST_MODES}, got {mode!r}")
@@ -220,7 +230,7 @@ def run_retrain_job(store: Store, settings: Settings, job_id: str, mode: str, *,
     store.update_job(job_id, progress=progress)
     try:
         result = _run(store, settings, job_id, mode, cancel_check, corrupt_candidate, report,
-                      actor or f"retrain:{job_id}", started, fence)
+                      actor or f"retrain:{job_id}", started, fence, feature_pass)
     except TrainingCancelled as exc:
         log.info("retrain job %s cancelled by request (%s)", job_id, exc)
         store.finish_job(job_id, "cancelled", error=f"cancelled by request ({exc})",
@@ -242,10 +252,29 @@ def run_retrain_job(store: Store, settings: Settings, job_id: str, mode: str, *,
     return result
 
 
+def _evaluate_cached(features: CachedFeatures, models: list[DecoupledModel],
+                     task: str) -> list[dict[str, float]]:
+    """Holdout metrics of models that share the cached features (readout-only siblings)."""
+    meters = [StreamMetrics(task, m.estimator.net.to_layer_space) for m in models]
+    with torch.no_grad():
+        for phi, y in features.role_chunks(HOLDOUT):
+            for model, meter in zip(models, meters, strict=True):
+                net = model.estimator.net
+                meter.add(net.finish_output(net.blocks[len(net.spec.layers) - 1](phi)), y)
+    return [holdout_metrics(meter.result(), task) for meter in meters]
+
+
+def _fits_in_memory(n_rows: int, window: DataWindow, budget_bytes: int) -> bool:
+    """A full retrain trains in memory (as it always did) when its rows fit half the budget."""
+    row_bytes = 4 * (window.n_features + (window.n_targets or 2))
+    return 3 * n_rows * row_bytes <= budget_bytes // 2
+
+
 def _run(store: Store, settings: Settings, job_id: str, mode: str,
          should_cancel: Callable[[], bool] | None, corrupt_candidate: CandidateHook | None,
          report: Callable[..., None], actor: str, started: float,
-         fence: Callable[[], bool] | None = None) -> dict[str, Any]:
+         fence: Callable[[], bool] | None = None,
+         feature_pass: Callable[[int], FeaturePass] | None = None) -> dict[str, Any]:
     champion_version = store.active_version()
     if champion_version is None:
         raise RetrainError("no active model version to retrain from")
@@ -254,61 +283,105 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
     spec = champion.spec
     schema = schema_of(champion_record, spec)
     task = schema.task
-    rows = store.load_samples(spec.input_dim, max_id=watermark,
-                              n_targets=spec.num_outputs if schema.is_regression else None)
-    keep = (np.isfinite(rows.y).all(axis=1) if schema.is_regression
-            else (rows.y >= 0) & (rows.y < spec.num_outputs))
-    ids, x, y = rows.ids[keep], torch.from_numpy(rows.x[keep]), torch.from_numpy(rows.y[keep])
-    masks = split_masks(ids, settings.holdout_modulo)
-    train = Split(x[masks.train], y[masks.train])
-    val = Split(x[masks.val], y[masks.val])
-    holdout = Split(x[masks.holdout], y[masks.holdout])
-    sizes = {"n_samples": len(ids), "n_train": len(train), "n_val": len(val), "n_holdout": len(holdout)}
-    if len(holdout) < settings.min_holdout or len(train) == 0 or len(val) == 0:
-        raise RetrainError(f"not enough samples to retrain: {sizes} (min_holdout={settings.min_holdout})")
-    drift = selector_drift(store, champion_record, champion, ids, x, settings.retrain_drift_min_new)
-    requested = mode
-    if mode == "auto":
-        mode, mode_reason = choose_mode(drift)
-    else:
-        mode_reason = f"requested: mode={mode}"
-    seen = champion_record.data_watermark  # what the champion was trained on
-    new_samples = len(ids) if seen is None else int((ids > seen).sum())
-    cfg = train_config(settings, task)
-    report(phase="training", mode=mode, mode_reason=mode_reason, drift=drift,
-           champion_version=champion_version, data_watermark=watermark, new_samples=new_samples, **sizes)
-    log.info("retrain %s: mode %s (%s)", job_id, mode, mode_reason)
-
+    n_targets = spec.num_outputs if schema.is_regression else None
+    floor = retention_floor(store, settings, spec.input_dim, watermark, n_targets)
+    window = DataWindow(spec.input_dim, n_targets, spec.num_outputs, watermark, floor,
+                        settings.holdout_modulo)
+    phi_dim = champion.estimator.net.blocks[len(spec.layers) - 1].in_features
+    block_ids = block_rows(settings, spec.input_dim, phi_dim)
+    budget = settings.retrain_memory_mb << 20
     device = pick_device(settings.device)
-    t_train = time.perf_counter()
-    if mode == "qk":
-        candidate = DecoupledModel(PathSelector(champion.selector.net),
-                                   Estimator(copy.deepcopy(champion.estimator.net)))
-        if cfg.qk_solver == "fast":  # a feature pass and a readout refit: its own phases
-            with QKProgress(report, candidate.selector.net, len(train) + len(val), cfg.qk_readout_iters,
-                            cfg.qk_epochs) as progress:
-                train_result = train_qk(candidate, train, val, cfg, progress.on_epoch, should_cancel)
-        else:
-            train_result = train_qk(candidate, train, val, cfg, full_epoch_reporter(report, cfg.epochs),
-                                    should_cancel)
-    else:
-        report(epochs=cfg.epochs)
-        net = copy.deepcopy(champion.selector.net)  # warm start from the structure's owner
-        net.requires_grad_(True)
-        train_result = train_full(net, train, val, cfg, full_epoch_reporter(report, cfg.epochs),
-                                  should_cancel, track_stability=False)
-        candidate = DecoupledModel.from_net(net.cpu())
-    train_s = time.perf_counter() - t_train
-    candidate.cpu()
-    if corrupt_candidate is not None:
-        corrupt_candidate(candidate)
 
-    report(phase="evaluating")
-    t_eval = time.perf_counter()
-    cand = holdout_eval(candidate, holdout, device, task)
-    champ = holdout_eval(champion, holdout, device, task)
-    eval_s = time.perf_counter() - t_eval
-    candidate.cpu()
+    def check_cancel() -> None:
+        if should_cancel is not None and should_cancel():
+            raise TrainingCancelled("cancelled during the feature pass")
+
+    with ExitStack() as cleanup:
+        features: CachedFeatures | None = None
+        if mode in ("qk", "auto"):  # the ids come with the cached features
+            root = (settings.resolved_feature_cache_dir if settings.feature_cache
+                    else Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="skqk-features-"))))
+            sharded = feature_pass(champion_version) if feature_pass is not None else None
+            features = prepare_features(store, settings, champion, window, root, block_ids, report,
+                                        check_cancel, sharded)
+            ids = features.ids()
+        else:
+            ids = window_ids(store, window, block_ids)
+        roles = window.roles(ids)
+        sizes = {"n_samples": len(ids), "n_train": int((roles == TRAIN).sum()),
+                 "n_val": int((roles == VAL).sum()), "n_holdout": int((roles == HOLDOUT).sum())}
+        if sizes["n_holdout"] < settings.min_holdout or sizes["n_train"] == 0 or sizes["n_val"] == 0:
+            raise RetrainError(f"not enough samples to retrain: {sizes} (min_holdout={settings.min_holdout})")
+        drift = selector_drift(store, champion_record, champion, ids, window, settings.retrain_drift_min_new)
+        requested = mode
+        if mode == "auto":
+            mode, mode_reason = choose_mode(drift)
+        else:
+            mode_reason = f"requested: mode={mode}"
+        seen = champion_record.data_watermark  # what the champion was trained on
+        new_samples = len(ids) if seen is None else int((ids > seen).sum())
+        cfg = train_config(settings, task)
+        report(phase="training", mode=mode, mode_reason=mode_reason, drift=drift,
+               champion_version=champion_version, data_watermark=watermark, new_samples=new_samples,
+               retention_floor=floor, **sizes)
+        log.info("retrain %s: mode %s (%s)", job_id, mode, mode_reason)
+
+        t_train = time.perf_counter()
+        if mode == "qk":
+            assert features is not None
+            candidate = DecoupledModel(PathSelector(champion.selector.net),
+                                       Estimator(copy.deepcopy(champion.estimator.net)))
+            rows = sizes["n_train"] + sizes["n_val"]
+            report(phase="features", rows_done=rows, rows_total=rows)
+            report(phase="refit", rows_done=rows, rows_total=rows, refit_max_iterations=cfg.qk_readout_iters)
+
+            def on_refit(m: dict[str, Any]) -> None:
+                report(phase="refit", refit_iterations=m.get("readout_iterations"),
+                       refit_best_iteration=m.get("readout_best_iteration"), refit_kept=m.get("kept"),
+                       **{k: m[k] for k in ("train_loss", "val_loss", "val_acc") if k in m})
+
+            weights = budget_weights(ids, roles, seen, settings.retrain_refit_max_rows)
+            train_result = refit_readout(candidate, features, cfg, weights, on_refit, should_cancel)
+            train_result.structure_s = features.stats.seconds
+            streamed = features.streamed
+        else:
+            report(epochs=cfg.epochs)
+            net = copy.deepcopy(champion.selector.net)  # warm start from the structure's owner
+            net.requires_grad_(True)
+            on_epoch = full_epoch_reporter(report, cfg.epochs)
+            streamed = not _fits_in_memory(len(ids), window, budget)
+            if not streamed:
+                train = load_role(store, window, TRAIN, block_ids)
+                val = load_role(store, window, VAL, block_ids)
+                train_result = train_full(net, train, val, cfg, on_epoch, should_cancel,
+                                          track_stability=False)
+                del train, val
+            else:  # an IterableDataset over the store, validation streamed each epoch
+                batches = StoreBatches(store, window, TRAIN, block_ids, cfg.batch_size, cfg.seed)
+
+                def val_eval() -> dict[str, float]:
+                    return evaluate_streamed(store, window, VAL, [(net, net.to_layer_space)], task,
+                                             block_ids, device)[0]
+
+                train_result = train_full_streamed(net, batches, val_eval, cfg, on_epoch, should_cancel)
+            candidate = DecoupledModel.from_net(net.cpu())
+        train_s = time.perf_counter() - t_train
+        candidate.cpu()
+        if corrupt_candidate is not None:
+            corrupt_candidate(candidate)
+
+        report(phase="evaluating")
+        t_eval = time.perf_counter()
+        if features is not None and mode == "qk" and feature_key(candidate) == features.key:
+            cand, champ = _evaluate_cached(features, [candidate, champion], task)
+        else:  # the candidate has hidden weights of its own: run both on the holdout rows
+            pair = [candidate.to(device).eval(), champion.to(device).eval()]
+            forwards = [(m, m.estimator.net.to_layer_space) for m in pair]
+            raw = evaluate_streamed(store, window, HOLDOUT, forwards, task, block_ids, device)
+            cand, champ = (holdout_metrics(r, task) for r in raw)
+        eval_s = time.perf_counter() - t_eval
+        candidate.cpu()
+        cache_stats = asdict(features.stats) if features is not None else None
 
     gate_ok, verdict = gate_decision(task, cand, champ, settings.promotion_tolerance)
     metrics = {**cand, "champion_version": champion_version,
@@ -334,6 +407,26 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
             "reason": reason, "mode": mode, "mode_requested": requested, "mode_reason": mode_reason,
             "task": task, "candidate": cand, "champion": champ,
             "tolerance": settings.promotion_tolerance, "data_watermark": watermark,
-            "new_samples": new_samples, **sizes, **_solver_summary(train_result), "drift": drift,
+            "retention_floor": floor, "new_samples": new_samples, **sizes, **_solver_summary(train_result),
+            "drift": drift, "feature_cache": cache_stats, "streamed": streamed,
             "timings": {"train_s": train_s, "structure_s": train_result.structure_s,
                         "eval_s": eval_s, "total_s": total_s}}
+
+
+def prepare_features(store: Store, settings: Settings, champion: DecoupledModel, window: DataWindow,
+                     root: Path, block_ids: int, report: Callable[..., None],
+                     check_cancel: Callable[[], None],
+                     feature_pass: FeaturePass | None = None) -> CachedFeatures:
+    """Bring the champion's feature cache up to the watermark, reporting the rows computed."""
+    last = [0.0]
+
+    def on_rows(done: int, total: int) -> None:
+        if time.monotonic() - last[0] >= 0.5 or done >= total:  # one job-row write per interval
+            last[0] = time.monotonic()
+            report(phase="features", rows_computed=done, rows_to_compute=total)
+
+    report(phase="features", rows_computed=0)
+    features = CachedFeatures.prepare(store, champion, window, root, block_ids, settings.feature_cache_keep,
+                                      settings.retrain_memory_mb << 20, on_rows, check_cancel, feature_pass)
+    report(rows_computed=features.stats.rows_computed, rows_cached_blocks=features.stats.blocks_reused)
+    return features

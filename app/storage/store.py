@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +40,7 @@ from app.storage.schema import (
     model_versions,
     promotions,
     retrain_jobs,
+    sample_audit,
     sample_counts,
     samples,
 )
@@ -100,6 +101,19 @@ class SampleSet:
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
+
+
+def _sample_set(rows: list[Any], n_features: int, n_targets: int | None) -> SampleSet:
+    """(id, features, label|targets) rows → a SampleSet; targets of another width are skipped."""
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    x = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), n_features)
+    if n_targets is None:
+        y = np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows))
+        return SampleSet(ids, x.astype(np.float32), y)
+    keep = np.fromiter((len(r[2]) == 4 * n_targets for r in rows), dtype=bool, count=len(rows))
+    y = np.frombuffer(b"".join(r[2] for r, k in zip(rows, keep, strict=True) if k),
+                      dtype="<f4").reshape(-1, n_targets).astype(np.float32)
+    return SampleSet(ids[keep], x[keep].astype(np.float32), y)
 
 
 @dataclass
@@ -402,6 +416,67 @@ class Store:
             ids = [i for i, k in zip(ids, keep, strict=True) if k]
             x = x[np.asarray(keep, dtype=bool)] if len(keep) else x
         return SampleSet(np.asarray(ids, dtype=np.int64), x.astype(np.float32), y)
+
+    def _usable_rows(self, columns: list[Any], n_features: int, n_targets: int | None) -> Any:
+        """SELECT ``columns`` of the rows a retrain may use (the filters of ``load_samples``)."""
+        label = samples.c.label if n_targets is None else samples.c.targets
+        return select(*columns).where(samples.c.n_features == n_features, label.is_not(None),
+                                      samples.c.quarantined_at.is_(None))
+
+    def iter_samples(self, n_features: int, *, after_id: int | None = None, max_id: int | None = None,
+                     n_targets: int | None = None, chunk_rows: int = 65_536) -> Iterator[SampleSet]:
+        """``load_samples`` in chunks of at most ``chunk_rows`` rows, ids in (after_id, max_id].
+
+        Keyset pagination (``WHERE id > :last ORDER BY id LIMIT n``, a primary-key range scan on
+        SQLite and Postgres alike): every chunk is its own short query, so memory is bounded by
+        one chunk whatever the table size, and no cursor or transaction stays open between
+        chunks (a retrain that streams for minutes holds no snapshot back from VACUUM).
+        """
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be ≥ 1, got {chunk_rows}")
+        label = samples.c.label if n_targets is None else samples.c.targets
+        base = self._usable_rows([samples.c.id, samples.c.features, label], n_features, n_targets)
+        if max_id is not None:
+            base = base.where(samples.c.id <= max_id)
+        last = after_id if after_id is not None else 0
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(base.where(samples.c.id > last).order_by(samples.c.id)
+                                    .limit(chunk_rows)).all()
+            if not rows:
+                return
+            last = int(rows[-1][0])
+            chunk = _sample_set(rows, n_features, n_targets)
+            if len(chunk):
+                yield chunk
+            if len(rows) < chunk_rows:
+                return
+
+    def load_samples_by_ids(self, n_features: int, ids: np.ndarray, n_targets: int | None = None,
+                            batch: int = 500) -> SampleSet:
+        """The usable rows among ``ids`` (ascending), fetched ``batch`` ids per query."""
+        label = samples.c.label if n_targets is None else samples.c.targets
+        base = self._usable_rows([samples.c.id, samples.c.features, label], n_features, n_targets)
+        wanted = np.unique(np.asarray(ids, dtype=np.int64))
+        rows: list[Any] = []
+        with self.engine.connect() as conn:
+            for i in range(0, len(wanted), batch):
+                part = [int(v) for v in wanted[i:i + batch]]
+                rows.extend(conn.execute(base.where(samples.c.id.in_(part)).order_by(samples.c.id)).all())
+        return _sample_set(rows, n_features, n_targets)
+
+    def usable_ids_between(self, n_features: int, lo: int, hi: int,
+                           n_targets: int | None = None) -> np.ndarray:
+        """Ids of the usable rows in (lo, hi], ascending (no feature bytes are read)."""
+        query = self._usable_rows([samples.c.id], n_features, n_targets).where(
+            samples.c.id > lo, samples.c.id <= hi).order_by(samples.c.id)
+        with self.engine.connect() as conn:
+            return np.fromiter((r[0] for r in conn.execute(query)), dtype=np.int64)
+
+    def sample_audit_mark(self) -> int:
+        """The newest sample_audit id (0: none): it moves on every quarantine, release, delete."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.coalesce(func.max(sample_audit.c.id), 0))).scalar_one())
 
     # ---- sample administration (SQL in app.storage.sample_admin) ------------------------------
     def quarantined_count(self) -> int:

@@ -1,0 +1,75 @@
+"""Full training from mini-batches that arrive as a stream (an ``IterableDataset``).
+
+:func:`app.core.training.train_full` shuffles an in-memory tensor; this is the same epoch
+driver (Adam, early stopping on the validation loss with the best weights restored, a cancel
+check between epochs, per-epoch metrics) for data that are read batch by batch, e.g. from the
+store (:class:`app.serving.streamed_data.StoreBatches`). The validation metrics come from a
+callable that may stream too.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import torch
+
+from app.core.device import pick_device
+from app.core.network import ReLUNet
+from app.core.tasks import check_task, loss_fn
+from app.core.training import EpochCallback, TrainConfig, TrainingCancelled, TrainResult
+
+
+class EpochBatches(Protocol, Iterable[tuple[torch.Tensor, torch.Tensor]]):
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+def train_full_streamed(net: ReLUNet, batches: EpochBatches, val_eval: Callable[[], dict[str, float]],
+                        cfg: TrainConfig, on_epoch: EpochCallback | None = None,
+                        should_cancel: Callable[[], bool] | None = None) -> TrainResult:
+    """Train every weight of ``net`` on ``batches``; ``val_eval()`` → validation metrics."""
+    device = pick_device(cfg.device)
+    net.to(device)
+    loss = loss_fn(check_task(cfg.task), net.to_layer_space)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    result = TrainResult(solver="full")
+    started = time.perf_counter()
+    best_state = copy.deepcopy(net.state_dict())
+    stale = 0
+    for epoch in range(1, cfg.epochs + 1):
+        if should_cancel is not None and should_cancel():
+            raise TrainingCancelled(f"cancelled before epoch {epoch}")
+        t0 = time.perf_counter()
+        batches.set_epoch(epoch)
+        net.train()
+        loss_sum, rows = 0.0, 0
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            batch_loss = loss(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            optimizer.step()
+            loss_sum += float(batch_loss.detach()) * x.shape[0]
+            rows += x.shape[0]
+        net.eval()
+        val = val_eval()
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(rows, 1),
+                                   **{f"val_{k}": v for k, v in val.items()},
+                                   "seconds": time.perf_counter() - t0}
+        result.history.append(metrics)
+        if val["loss"] < result.best_val_loss:
+            result.best_val_loss, result.best_epoch = val["loss"], epoch
+            result.best_val_acc = val.get("acc", float("nan"))
+            best_state = copy.deepcopy(net.state_dict())
+            stale = 0
+        else:
+            stale += 1
+        if on_epoch is not None:
+            on_epoch(metrics)
+        if stale >= cfg.patience:
+            break
+    net.load_state_dict(best_state)
+    result.wall_s = time.perf_counter() - started
+    return result
