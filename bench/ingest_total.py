@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -46,20 +47,26 @@ def build_store(data_dir: Path, rows: int) -> None:
     store.dispose()
 
 
+def ingest_latencies_ms(c: httpx.Client, requests: int, row: Callable[[], list[float]],
+                        warmup: int = 20) -> list[float]:
+    """Milliseconds per one-row ``POST /ingest``, after ``warmup`` requests that are not counted."""
+    times = []
+    for i in range(requests + warmup):
+        body = {"samples": [{"features": row(), "label": int(i % 10)}]}
+        t0 = time.perf_counter()
+        r = c.post("/ingest", json=body)
+        elapsed = time.perf_counter() - t0
+        assert r.status_code == 200, r.text
+        if i >= warmup:
+            times.append(elapsed * 1000)
+    return times
+
+
 def measure(data_dir: Path, requests: int) -> list[float]:
     env = fast_env(data_dir, SKQK_INPUT_RANGE="off")
     gen = np.random.default_rng(1)
-    times = []
     with ServerProcess(data_dir, env) as server, httpx.Client(base_url=server.url, timeout=30) as c:
-        for i in range(requests + 20):
-            body = {"samples": [{"features": gen.random(64).round(4).tolist(), "label": int(i % 10)}]}
-            t0 = time.perf_counter()
-            r = c.post("/ingest", json=body)
-            elapsed = time.perf_counter() - t0
-            assert r.status_code == 200, r.text
-            if i >= 20:
-                times.append(elapsed * 1000)
-    return times
+        return ingest_latencies_ms(c, requests, lambda: gen.random(64).round(4).tolist())
 
 
 def main() -> None:

@@ -121,6 +121,7 @@ def ingest_latency(data_dir: Path, database_url: str | None, requests: int = 200
     """p50/p95 ms of one-row /ingest calls against a real `skqk serve` on this store."""
     import httpx
 
+    from bench.ingest_total import ingest_latencies_ms
     from tests.helpers.server import ServerProcess
 
     env = child_env(data_dir, database_url, 1024, 3)
@@ -128,18 +129,9 @@ def ingest_latency(data_dir: Path, database_url: str | None, requests: int = 200
     server = ServerProcess(data_dir, env).start(ready_timeout=180)
     try:
         rng = np.random.default_rng(7)
-        times = []
         with httpx.Client(base_url=server.url, timeout=30) as c:
-            for i in range(requests + 20):
-                body = {"samples": [{"features": rng.standard_normal(64).astype(np.float32).tolist(),
-                                     "label": int(i % 10)}]}
-                t0 = time.perf_counter()
-                r = c.post("/ingest", json=body)
-                dt = time.perf_counter() - t0
-                assert r.status_code == 200, r.text
-                if i >= 20:
-                    times.append(dt * 1000)
-        times.sort()
+            times = sorted(ingest_latencies_ms(c, requests,
+                                               lambda: rng.standard_normal(64).astype(np.float32).tolist()))
         return statistics.median(times), times[int(0.95 * len(times)) - 1]
     finally:
         server.stop()

@@ -17,6 +17,7 @@ precomputed ``A·Dᵀ`` (every trial step costs one softmax, not one matrix prod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -107,14 +108,19 @@ def logistic_objective(phi: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
 
 
 def _bound_cholesky(a: torch.Tensor, penalty: torch.Tensor, n: int) -> torch.Tensor:
-    """Cholesky factor of ½·AᵀA/N + diag(penalty), formed in float64.
+    """Cholesky factor of ½·AᵀA/N + diag(penalty), formed in float64 (see ``bound_cholesky``)."""
+    a64 = a.to(torch.float64)
+    return bound_cholesky((a64.T @ a64) / n, penalty)
+
+
+def bound_cholesky(gram: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of ``½·gram + diag(penalty)``, ``gram`` = AᵀA/N in float64.
 
     Outlier rows (features of 1e3…1e38) make the float32 Gram matrix lose positive
     definiteness to rounding; float64 plus a jitter that grows until the factorisation
     succeeds keeps the solver going whatever finite rows the store holds.
     """
-    a64 = a.to(torch.float64)
-    bound = 0.5 * (a64.T @ a64) / n + torch.diag(penalty.to(torch.float64))
+    bound = 0.5 * gram + torch.diag(penalty.to(torch.float64))
     scale = float(bound.diagonal().abs().max().clamp_min(1.0))
     eye = torch.eye(bound.shape[0], dtype=torch.float64, device=bound.device)
     for jitter in (1e-8, 1e-6, 1e-4, 1e-2, 1.0):
@@ -171,11 +177,51 @@ def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
         assert a_val is not None and val is not None
         return float(F.cross_entropy(a_val @ th.T, val[1]))
 
-    best_val = val_loss(theta) if val is not None else float("nan")
-    best_theta, best_it = theta, 0
-
     logits = a @ theta.T
+    state = {"logits": logits}
+
+    def line(th: torch.Tensor, direction: torch.Tensor) -> Callable[[float], tuple[torch.Tensor, float]]:
+        ad = a @ direction.T  # [N, K]: logits move linearly along the direction
+
+        def trial(step: float) -> tuple[torch.Tensor, float]:
+            new_theta = th + step * direction
+            new_logits = state["logits"] + step * ad
+            logp = torch.log_softmax(new_logits, dim=1)
+            state["trial"] = (new_logits, new_theta)
+            penalty = 0.5 * l2 * ((new_theta * new_theta) @ mask).sum()
+            return new_theta, float(-(logp * onehot).sum() / n + penalty)
+
+        return trial
+
+    def accept() -> tuple[float, torch.Tensor]:
+        new_logits, new_theta = state["trial"]
+        state["logits"] = new_logits
+        return value_and_grad(new_logits, new_theta)
+
     value, grad = value_and_grad(logits, theta)
+    return lbfgs_path(theta, value, grad, d, precondition, line, accept, max_iter=max_iter, tol=tol,
+                      history=history, val_loss=val_loss if val is not None else None,
+                      val_patience=val_patience)
+
+
+LineSearch = Callable[[torch.Tensor, torch.Tensor], Callable[[float], tuple[torch.Tensor, float]]]
+
+
+def lbfgs_path(theta: torch.Tensor, value: float, grad: torch.Tensor, d: int,
+               precondition: Callable[[torch.Tensor], torch.Tensor], line: LineSearch,
+               accept: Callable[[], tuple[float, torch.Tensor]], *, max_iter: int, tol: float, history: int,
+               val_loss: Callable[[torch.Tensor], float] | None, val_patience: int) -> ReadoutFit:
+    """The preconditioned L-BFGS of the logistic readout, whatever holds the data.
+
+    ``line(theta, direction)`` returns a trial function ``step → (theta', objective)`` for a
+    backtracking (Armijo) search; ``accept()`` gives (objective, gradient) at the last trial,
+    which the search keeps. With ``val_loss`` the iterate with the lowest validation loss is
+    returned (the warm start included), and ``val_patience`` iterations without improvement
+    end the run; without it, the last iterate.
+    """
+    dtype = theta.dtype
+    best_val = val_loss(theta) if val_loss is not None else float("nan")
+    best_theta, best_it = theta, 0
     best_value = value
     s_hist: list[torch.Tensor] = []
     y_hist: list[torch.Tensor] = []
@@ -205,21 +251,17 @@ def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
             y_hist.clear()
             direction = -precondition(grad)
             slope = float((grad * direction).sum())
-        ad = a @ direction.T  # [N, K]: logits move linearly along the direction
+        trial = line(theta, direction)
         step = 1.0
         for _ in range(30):
-            new_theta = theta + step * direction
-            new_logits = logits + step * ad
-            logp = torch.log_softmax(new_logits, dim=1)
-            new_value = float(-(logp * onehot).sum() / n
-                              + 0.5 * l2 * ((new_theta * new_theta) @ mask).sum())
+            new_theta, new_value = trial(step)
             if new_value <= value + 1e-4 * step * slope:
                 break
             step *= 0.5
         else:
             converged = True  # no decrease possible at float precision
             break
-        new_value, new_grad = value_and_grad(new_logits, new_theta)
+        new_value, new_grad = accept()
         s_vec, y_vec = new_theta - theta, new_grad - grad
         if float((s_vec * y_vec).sum()) > 1e-12:
             s_hist.append(s_vec)
@@ -228,8 +270,8 @@ def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
                 s_hist.pop(0)
                 y_hist.pop(0)
         rel = abs(value - new_value) / max(abs(value), 1e-12)
-        theta, logits, value, grad = new_theta, new_logits, new_value, new_grad
-        if val is not None:
+        theta, value, grad = new_theta, new_value, new_grad
+        if val_loss is not None:
             current = val_loss(theta)
             if current < best_val:
                 best_val, best_theta, best_it, best_value = current, theta, it, value
@@ -238,7 +280,7 @@ def fit_logistic(phi: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
         if rel < 10 * torch.finfo(dtype).eps:
             converged = True
             break
-    if val is None:
+    if val_loss is None:
         best_theta, best_it, best_value = theta, it, value
     return ReadoutFit(best_theta[:, :d].contiguous(), best_theta[:, d].contiguous(), best_value, it,
                       converged, best_it, best_val)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.nn import functional as F
 
-from app.core.qk_readout import RIDGE_GRID, ReadoutFit, _augment, _penalty_mask
+from app.core.qk_readout import RIDGE_GRID, ReadoutFit, _augment, _penalty_mask, bound_cholesky, lbfgs_path
 
 Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (phi [n, d], y, weight [n] | None)
 ChunkSource = Callable[[], Iterable[Chunk]]
@@ -32,18 +32,6 @@ ChunkSource = Callable[[], Iterable[Chunk]]
 
 def _weighted(values: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     return values if w is None else values * w.reshape(-1, *([1] * (values.dim() - 1))).to(values.dtype)
-
-
-def bound_cholesky(gram: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """Cholesky factor of ``½·gram + diag(penalty)`` (float64, jitter grown until it factors)."""
-    bound = 0.5 * gram + torch.diag(penalty.to(torch.float64))
-    scale = float(bound.diagonal().abs().max().clamp_min(1.0))
-    eye = torch.eye(bound.shape[0], dtype=torch.float64, device=bound.device)
-    for jitter in (1e-8, 1e-6, 1e-4, 1e-2, 1.0):
-        chol, info = torch.linalg.cholesky_ex(bound + jitter * scale * eye)
-        if int(info) == 0:
-            return chol
-    raise ValueError("readout features are not finite; cannot refit the readout")
 
 
 def _gram(source: ChunkSource, d: int) -> tuple[torch.Tensor, float]:
@@ -105,69 +93,20 @@ def fit_logistic_chunks(train: ChunkSource, d: int, num_classes: int, l2: float 
             count += float(phi.shape[0]) if w is None else float(w.sum())
         return total / max(count, 1e-12)
 
-    best_val = val_loss(theta) if val is not None else float("nan")
-    best_theta, best_it = theta, 0
+    last: dict[str, tuple[float, torch.Tensor]] = {}
+
+    def line(th: torch.Tensor, direction: torch.Tensor) -> Callable[[float], tuple[torch.Tensor, float]]:
+        def trial(step: float) -> tuple[torch.Tensor, float]:  # a pass, which also gives the gradient
+            new_theta = th + step * direction
+            last["trial"] = value_and_grad(new_theta)
+            return new_theta, last["trial"][0]
+
+        return trial
+
     value, grad = value_and_grad(theta)
-    best_value = value
-    s_hist: list[torch.Tensor] = []
-    y_hist: list[torch.Tensor] = []
-    converged = False
-    it = 0
-    for it in range(1, max_iter + 1):
-        if float(grad.abs().max()) < tol:
-            converged = True
-            it -= 1
-            break
-        q = grad.clone()  # L-BFGS two-loop recursion, the bound as initial inverse Hessian
-        alphas = []
-        for s, yv in zip(reversed(s_hist), reversed(y_hist), strict=True):
-            rho = 1.0 / float((yv * s).sum())
-            alpha = rho * float((s * q).sum())
-            q -= alpha * yv
-            alphas.append((rho, alpha))
-        r = precondition(q)
-        for (s, yv), (rho, alpha) in zip(zip(s_hist, y_hist, strict=True), reversed(alphas), strict=True):
-            beta = rho * float((yv * r).sum())
-            r += (alpha - beta) * s
-        direction = -r
-        slope = float((grad * direction).sum())
-        if slope >= 0:  # not a descent direction: the plain bound step
-            s_hist.clear()
-            y_hist.clear()
-            direction = -precondition(grad)
-            slope = float((grad * direction).sum())
-        step = 1.0
-        for _ in range(30):  # each trial is a pass, and yields the gradient if accepted
-            new_theta = theta + step * direction
-            new_value, new_grad = value_and_grad(new_theta)
-            if new_value <= value + 1e-4 * step * slope:
-                break
-            step *= 0.5
-        else:
-            converged = True  # no decrease possible at float precision
-            break
-        s_vec, y_vec = new_theta - theta, new_grad - grad
-        if float((s_vec * y_vec).sum()) > 1e-12:
-            s_hist.append(s_vec)
-            y_hist.append(y_vec)
-            if len(s_hist) > history:
-                s_hist.pop(0)
-                y_hist.pop(0)
-        rel = abs(value - new_value) / max(abs(value), 1e-12)
-        theta, value, grad = new_theta, new_value, new_grad
-        if val is not None:
-            current = val_loss(theta)
-            if current < best_val:
-                best_val, best_theta, best_it, best_value = current, theta, it, value
-            elif it - best_it >= val_patience:
-                break
-        if rel < 10 * torch.finfo(dtype).eps:
-            converged = True
-            break
-    if val is None:
-        best_theta, best_it, best_value = theta, it, value
-    return ReadoutFit(best_theta[:, :d].contiguous(), best_theta[:, d].contiguous(), best_value, it,
-                      converged, best_it, best_val)
+    return lbfgs_path(theta, value, grad, d, precondition, line, lambda: last["trial"], max_iter=max_iter,
+                      tol=tol, history=history, val_loss=val_loss if val is not None else None,
+                      val_patience=val_patience)
 
 
 def _moments(source: ChunkSource, d: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:

@@ -9,7 +9,6 @@ callable that may stream too.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -19,7 +18,7 @@ import torch
 from app.core.device import pick_device
 from app.core.network import ReLUNet
 from app.core.tasks import check_task, loss_fn
-from app.core.training import EpochCallback, TrainConfig, TrainingCancelled, TrainResult
+from app.core.training import EarlyStopping, EpochCallback, TrainConfig, TrainingCancelled, TrainResult
 
 
 class EpochBatches(Protocol, Iterable[tuple[torch.Tensor, torch.Tensor]]):
@@ -36,8 +35,7 @@ def train_full_streamed(net: ReLUNet, batches: EpochBatches, val_eval: Callable[
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     result = TrainResult(solver="full")
     started = time.perf_counter()
-    best_state = copy.deepcopy(net.state_dict())
-    stale = 0
+    stopping = EarlyStopping(net, result, cfg.patience)
     for epoch in range(1, cfg.epochs + 1):
         if should_cancel is not None and should_cancel():
             raise TrainingCancelled(f"cancelled before epoch {epoch}")
@@ -58,18 +56,8 @@ def train_full_streamed(net: ReLUNet, batches: EpochBatches, val_eval: Callable[
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(rows, 1),
                                    **{f"val_{k}": v for k, v in val.items()},
                                    "seconds": time.perf_counter() - t0}
-        result.history.append(metrics)
-        if val["loss"] < result.best_val_loss:
-            result.best_val_loss, result.best_epoch = val["loss"], epoch
-            result.best_val_acc = val.get("acc", float("nan"))
-            best_state = copy.deepcopy(net.state_dict())
-            stale = 0
-        else:
-            stale += 1
-        if on_epoch is not None:
-            on_epoch(metrics)
-        if stale >= cfg.patience:
+        if stopping.end_epoch(epoch, val, metrics, on_epoch):
             break
-    net.load_state_dict(best_state)
+    stopping.restore_best()
     result.wall_s = time.perf_counter() - started
     return result

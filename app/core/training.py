@@ -87,6 +87,38 @@ def evaluate(forward: ForwardFn, data: Split, batch_size: int = 4096) -> tuple[f
 ValEval = Callable[[], dict[str, float]]
 
 
+class EarlyStopping:
+    """Validation-loss early stopping: records the best epoch in ``result`` and keeps its weights."""
+
+    def __init__(self, module: nn.Module, result: TrainResult, patience: int) -> None:
+        self.module, self.result, self.patience = module, result, patience
+        self.best_state = copy.deepcopy(module.state_dict())  # the start counts as epoch 0
+        self.stale = 0
+
+    def update(self, epoch: int, val: dict[str, float]) -> bool:
+        """Record this epoch's validation metrics; True when ``patience`` epochs brought no gain."""
+        if val["loss"] < self.result.best_val_loss:
+            self.result.best_val_loss, self.result.best_epoch = val["loss"], epoch
+            self.result.best_val_acc = val.get("acc", float("nan"))
+            self.best_state = copy.deepcopy(self.module.state_dict())
+            self.stale = 0
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+    def end_epoch(self, epoch: int, val: dict[str, float], metrics: dict[str, Any],
+                  on_epoch: EpochCallback | None) -> bool:
+        """History, best epoch, the caller's callback; True: stop training."""
+        self.result.history.append(metrics)
+        stop = self.update(epoch, val)
+        if on_epoch is not None:
+            on_epoch(metrics)
+        return stop
+
+    def restore_best(self) -> None:
+        self.module.load_state_dict(self.best_state)
+
+
 def _run_epochs(module: nn.Module, params: list[nn.Parameter], train_fwd: ForwardFn, loss: LossFn,
                 val_eval: ValEval, train: Split, cfg: TrainConfig,
                 on_epoch: EpochCallback | None, should_cancel: CancelCheck | None,
@@ -96,8 +128,7 @@ def _run_epochs(module: nn.Module, params: list[nn.Parameter], train_fwd: Forwar
     start = time.perf_counter()
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    best_state = copy.deepcopy(module.state_dict())
-    stale = 0
+    stopping = EarlyStopping(module, result, cfg.patience)
     for epoch in range(1, cfg.epochs + 1):
         if should_cancel is not None and should_cancel():
             raise TrainingCancelled(f"cancelled before epoch {epoch}")
@@ -119,19 +150,9 @@ def _run_epochs(module: nn.Module, params: list[nn.Parameter], train_fwd: Forwar
         if extra_metrics is not None:
             metrics.update(extra_metrics())
         metrics["seconds"] = time.perf_counter() - epoch_start
-        result.history.append(metrics)
-        if val["loss"] < result.best_val_loss:
-            result.best_val_loss, result.best_epoch = val["loss"], epoch
-            result.best_val_acc = val.get("acc", float("nan"))
-            best_state = copy.deepcopy(module.state_dict())
-            stale = 0
-        else:
-            stale += 1
-        if on_epoch is not None:
-            on_epoch(metrics)
-        if stale >= cfg.patience:
+        if stopping.end_epoch(epoch, val, metrics, on_epoch):
             break
-    module.load_state_dict(best_state)
+    stopping.restore_best()
     result.wall_s = time.perf_counter() - start
     return result
 
