@@ -3,11 +3,14 @@ candidate one process computes alone."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from celery import Celery
 from sklearn.datasets import load_digits
 
@@ -20,6 +23,12 @@ from tests.integration.conftest import initialised_deployment, wait_until
 pytestmark = pytest.mark.integration
 
 DIGITS = load_digits()
+
+
+def _fresh_process_threads() -> int:
+    code = "import torch; print(torch.get_num_threads())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout)
 
 
 def test_two_workers_share_the_feature_pass_and_match_one(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -55,7 +64,14 @@ def test_two_workers_share_the_feature_pass_and_match_one(tmp_path_factory: pyte
                                  retrain_memory_mb=1, feature_cache_dir=workdir / "alone-features")
         alone_id = f"alone-{uuid.uuid4().hex[:8]}"
         store.create_job(alone_id, "qk", "test")
-        alone = run_retrain_job(store, settings, alone_id, "qk")
+        # float sums depend on the thread count, and an app started earlier in this process may
+        # have set it to 1: compute at the workers' count (what a fresh process gets)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(_fresh_process_threads())
+        try:
+            alone = run_retrain_job(store, settings, alone_id, "qk")
+        finally:
+            torch.set_num_threads(threads)
         assert alone["feature_cache"]["blocks_computed"] == cache["blocks_computed"]
         assert alone["data_watermark"] == sharded["data_watermark"]
         assert alone["n_samples"] == sharded["n_samples"]
