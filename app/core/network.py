@@ -60,6 +60,11 @@ class ReLUNet(nn.Module):
             self.register_buffer("out_shift", shift, persistent=False)
             self.register_buffer("out_scale", scale, persistent=False)
 
+    @property
+    def readout(self) -> nn.Module:
+        """The last layer: a linear map of the penultimate (gated) features."""
+        return self.blocks[-1]  # one block per spec layer
+
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """Raw flat features → the first layer's input (normalised, reshaped)."""
         if self.has_input_norm:

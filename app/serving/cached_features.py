@@ -86,7 +86,7 @@ def compute_block(store: Store, cache: FeatureCache, model: DecoupledModel, wind
     upto = min(hi, window.max_id)
     parts = list(store.iter_samples(window.n_features, after_id=lo, max_id=upto,
                                     n_targets=window.n_targets, chunk_rows=cache.block_ids))
-    d = model.estimator.net.blocks[len(model.spec.layers) - 1].in_features
+    d = model.estimator.net.readout.in_features
     if parts:
         ids = np.concatenate([p.ids for p in parts])
         x = np.concatenate([p.x for p in parts])

@@ -96,7 +96,7 @@ class SharedTrunkForward(torch.nn.Module):
     def __init__(self, model: DecoupledModel) -> None:
         super().__init__()
         self.selector = model.selector.net
-        self.readout = model.estimator.net.blocks[-1]
+        self.readout = model.estimator.net.readout
         self.estimator = model.estimator.net
         self.last = len(self.selector.spec.layers) - 1
 

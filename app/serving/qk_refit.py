@@ -86,7 +86,7 @@ def refit_readout(model: DecoupledModel, features: CachedFeatures, cfg: TrainCon
     """Refit ``model``'s readout in place on the cached features; the solver's summary."""
     started = time.perf_counter()
     net = model.estimator.net
-    readout = net.blocks[len(net.spec.layers) - 1]
+    readout = net.readout
     task = cfg.task
 
     def y_map(y: torch.Tensor) -> torch.Tensor:  # regression: the solver works in layer units

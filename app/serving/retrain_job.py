@@ -260,7 +260,7 @@ def _evaluate_cached(features: CachedFeatures, models: list[DecoupledModel],
         for phi, y in features.role_chunks(HOLDOUT):
             for model, meter in zip(models, meters, strict=True):
                 net = model.estimator.net
-                meter.add(net.finish_output(net.blocks[len(net.spec.layers) - 1](phi)), y)
+                meter.add(net.finish_output(net.readout(phi)), y)
     return [holdout_metrics(meter.result(), task) for meter in meters]
 
 
@@ -287,7 +287,7 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
     floor = retention_floor(store, settings, spec.input_dim, watermark, n_targets)
     window = DataWindow(spec.input_dim, n_targets, spec.num_outputs, watermark, floor,
                         settings.holdout_modulo)
-    phi_dim = champion.estimator.net.blocks[len(spec.layers) - 1].in_features
+    phi_dim = champion.estimator.net.readout.in_features
     block_ids = block_rows(settings, spec.input_dim, phi_dim)
     budget = settings.retrain_memory_mb << 20
     device = pick_device(settings.device)
