@@ -4,7 +4,8 @@ and the way back out (a served version → one ONNX graph).
 
 Every importer returns an :class:`ImportedNetwork`; anything that is not piecewise linear with
 ReLU gates (or not supported yet) raises :class:`UnsupportedModel` naming the op, the node and
-why. Importers never unpickle anything.
+why. Importers never execute code from the file: a `.pt2` is checked by
+:mod:`app.importers.pt2_archive` (only plain tensor pickles) before torch reads it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """``torch.export`` programs (``.pt2`` from ``torch.export.save``) → :class:`ImportedNetwork`.
 
-The program is loaded with ``torch.export.load`` (no unpickling of arbitrary objects) and its
+The program is loaded with ``torch.export.load`` from an archive that
+:mod:`app.importers.pt2_archive` checked first (nothing in it can run code) and its
 ATen graph is walked node by node. Every activation becomes a spec layer; constants
 (parameters, buffers, lifted tensors) are carried as tensors and folded eagerly, so weight
 transposes (``permute`` before ``addmm``) and BatchNorm statistics end up inside the
@@ -595,8 +596,11 @@ def import_pt2(path: str | Path, input_shape: tuple[int, ...] | None = None) -> 
 
 
 def _load(path: str | Path) -> torch.export.ExportedProgram:
+    from app.importers.pt2_archive import checked_archive
+
+    archive = checked_archive(path)  # raises UnsupportedModel before torch unpickles anything
     try:
-        return torch.export.load(str(path))
+        return torch.export.load(archive)
     except Exception as e:  # a corrupt or foreign file: say so, with the cause
         raise UnsupportedModel(f"{Path(path).name}: not a torch.export program ({e})") from None
 
