@@ -59,11 +59,12 @@ from app.core.tasks import holdout_metrics
 from app.core.training import TrainConfig, TrainingCancelled, TrainResult, train_full
 from app.serving.cached_features import CachedFeatures, FeaturePass
 from app.serving.feature_cache import feature_key
+from app.serving.holdout_snapshot import HoldoutRows, check_evaluated, window_ids_with_holdout
 from app.serving.models import load_model, register_model, schema_of
 from app.serving.qk_refit import budget_weights, refit_readout
 from app.serving.sample_stream import HOLDOUT, TRAIN, VAL, DataWindow, block_rows, retention_floor
 from app.serving.solver_progress import full_epoch_reporter
-from app.serving.streamed_data import StoreBatches, evaluate_streamed, fetch_rows, load_role, window_ids
+from app.serving.streamed_data import StoreBatches, evaluate_streamed, fetch_rows, load_role
 from app.settings import Settings
 from app.storage import Store, VersionRecord
 
@@ -253,15 +254,16 @@ def run_retrain_job(store: Store, settings: Settings, job_id: str, mode: str, *,
 
 
 def _evaluate_cached(features: CachedFeatures, models: list[DecoupledModel],
-                     task: str) -> list[dict[str, float]]:
-    """Holdout metrics of models that share the cached features (readout-only siblings)."""
+                     task: str) -> tuple[list[dict[str, float]], int]:
+    """Holdout metrics of models that share the cached features (readout-only siblings), and
+    the number of rows they were scored on."""
     meters = [StreamMetrics(task, m.estimator.net.to_layer_space) for m in models]
     with torch.no_grad():
         for phi, y in features.role_chunks(HOLDOUT):
             for model, meter in zip(models, meters, strict=True):
                 net = model.estimator.net
                 meter.add(net.finish_output(net.readout(phi)), y)
-    return [holdout_metrics(meter.result(), task) for meter in meters]
+    return [holdout_metrics(meter.result(), task) for meter in meters], meters[0].n
 
 
 def _fits_in_memory(n_rows: int, window: DataWindow, budget_bytes: int) -> bool:
@@ -298,15 +300,21 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
 
     with ExitStack() as cleanup:
         features: CachedFeatures | None = None
+        holdout_rows: HoldoutRows | None = None  # full: the holdout copied when the ids are fixed
+
+        def scratch(prefix: str) -> Path:
+            return Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+
         if mode in ("qk", "auto"):  # the ids come with the cached features
             root = (settings.resolved_feature_cache_dir if settings.feature_cache
-                    else Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="skqk-features-"))))
+                    else scratch("skqk-features-"))
             sharded = feature_pass(champion_version) if feature_pass is not None else None
             features = prepare_features(store, settings, champion, window, root, block_ids, report,
                                         check_cancel, sharded)
             ids = features.ids()
         else:
-            ids = window_ids(store, window, block_ids)
+            holdout_rows = HoldoutRows(scratch("skqk-holdout-"), window)
+            ids = window_ids_with_holdout(store, window, block_ids, holdout_rows)
         roles = window.roles(ids)
         sizes = {"n_samples": len(ids), "n_train": int((roles == TRAIN).sum()),
                  "n_val": int((roles == VAL).sum()), "n_holdout": int((roles == HOLDOUT).sum())}
@@ -373,12 +381,16 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
         report(phase="evaluating")
         t_eval = time.perf_counter()
         if features is not None and mode == "qk" and feature_key(candidate) == features.key:
-            cand, champ = _evaluate_cached(features, [candidate, champion], task)
+            (cand, champ), n_evaluated = _evaluate_cached(features, [candidate, champion], task)
         else:  # the candidate has hidden weights of its own: run both on the holdout rows
             pair = [candidate.to(device).eval(), champion.to(device).eval()]
             forwards = [(m, m.estimator.net.to_layer_space) for m in pair]
-            raw = evaluate_streamed(store, window, HOLDOUT, forwards, task, block_ids, device)
+            if holdout_rows is None:  # qk with new hidden weights: read the rows now, count them
+                holdout_rows = HoldoutRows(scratch("skqk-holdout-"), window)
+                window_ids_with_holdout(store, window, block_ids, holdout_rows)
+            raw, n_evaluated = holdout_rows.evaluate(forwards, task, device)
             cand, champ = (holdout_metrics(r, task) for r in raw)
+        check_evaluated(n_evaluated, sizes["n_holdout"])  # else fail: never gate on another holdout
         eval_s = time.perf_counter() - t_eval
         candidate.cpu()
         cache_stats = asdict(features.stats) if features is not None else None
