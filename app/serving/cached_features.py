@@ -29,7 +29,7 @@ from app.core.network import DecoupledModel
 from app.core.qk_fast import readout_features
 from app.core.qk_stream import Chunk, ChunkSource
 from app.serving.feature_cache import CachedBlock, FeatureCache, feature_key, group_by_role
-from app.serving.sample_stream import DataWindow
+from app.serving.sample_stream import HOLDOUT, DataWindow
 from app.storage import Store
 
 log = logging.getLogger("skqk.retrain")
@@ -42,6 +42,7 @@ CancelHook = Callable[[], None]  # raises to stop
 class SyncStats:
     blocks_reused: int = 0
     blocks_computed: int = 0
+    blocks_corrupt: int = 0  # found damaged (digest mismatch, unreadable): logged, recomputed
     rows_computed: int = 0
     seconds: float = 0.0
     workers: list[str] = field(default_factory=list)  # hosts that computed the blocks
@@ -101,14 +102,24 @@ def compute_block(store: Store, cache: FeatureCache, model: DecoupledModel, wind
     return len(ids)
 
 
-def stale_blocks(store: Store, cache: FeatureCache, window: DataWindow, audit_mark: int) -> list[int]:
+def stale_blocks(store: Store, cache: FeatureCache, window: DataWindow, audit_mark: int,
+                 stats: SyncStats | None = None) -> list[int]:
     """Blocks of the window that must be (re)computed; blocks that only need their audit mark
-    moved on (their rows are unchanged) get it here."""
+    moved on (their rows are unchanged) get it here. A block whose bytes do not match its
+    digests is logged and recomputed, never used."""
     todo = []
     for index in window_blocks(window, cache.block_ids):
         meta = cache.meta(index)
         lo, hi = cache.bounds(index)
         if meta is None or meta["built_upto"] < min(hi, window.max_id):
+            todo.append(index)
+            continue
+        damage = cache.check(index, meta)
+        if damage is not None:
+            log.warning("feature cache %s block %d is not intact (%s): recomputing it", cache.dir.name,
+                        index, damage)
+            if stats is not None:
+                stats.blocks_corrupt += 1
             todo.append(index)
             continue
         if meta["audit_mark"] == audit_mark:
@@ -146,8 +157,9 @@ class CachedFeatures:
         started = time.perf_counter()
         cache = FeatureCache(root, feature_key(model), block_ids, window.modulo).open(keep)
         audit_mark = store.sample_audit_mark()
-        todo = stale_blocks(store, cache, window, audit_mark)
-        stats = SyncStats(blocks_reused=len(window_blocks(window, block_ids)) - len(todo))
+        stats = SyncStats()
+        todo = stale_blocks(store, cache, window, audit_mark, stats)
+        stats.blocks_reused = len(window_blocks(window, block_ids)) - len(todo)
         # at most this many rows are computed (a block holds at most block_ids ids)
         estimate = sum(min(cache.bounds(i)[1], window.max_id) - cache.bounds(i)[0] for i in todo)
         if feature_pass is not None and todo:  # e.g. sharded across Celery workers
@@ -194,11 +206,18 @@ class CachedFeatures:
 
     def _role_chunks(self, role: int, weights: Weights | None, finite_only: bool
                      ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-        """(phi, y, weight) of one role's rows per block; only the selected rows are read."""
+        """(phi, y, weight) of one role's rows per block; only the selected rows are read, except
+        for the holdout: its rows are always read whole and checked against their digest (the
+        gate never scores a block that changed on disk since it was checked)."""
         for index in self.indices:
             block = self._block(index)
             part = block.role(role)
-            ids, y = np.asarray(block.ids[part]), np.asarray(block.y[part])
+            ids, y = np.array(block.ids[part]), np.array(block.y[part])
+            if role == HOLDOUT:
+                phi_all = np.array(block.phi[part])
+                self.cache.verify_role(index, role, ids, phi_all, y, self._metas[index])
+                # read from the checked copy from here on, not the file again
+                block, part = CachedBlock(index, ids, phi_all, y, (0, len(ids))), slice(0, len(ids))
             keep = self.window.keep_arrays(ids, y)
             w = None
             if weights is not None:

@@ -15,7 +15,12 @@ retrain), a sample's Φ never changes, so a QK retrain computes it once and keep
   ``offsets`` of the roles, ``built_upto`` (the watermark it was built
   at: a block that was partial is rebuilt once more ids exist), ``audit_mark`` (the newest
   ``sample_audit`` id then: after a quarantine, release or delete the block's ids are
-  compared with the store's and the block rebuilt if they differ). Φ is float32, exactly what
+  compared with the store's and the block rebuilt if they differ), ``digests``: per role, a
+  sha256 of the key, the block index, and the role's ids, Φ and labels (:func:`role_digest`).
+  A block whose files do not load or do not match their digests (rows permuted or rescaled,
+  a truncated file, a block from code without digests) is never used: :meth:`FeatureCache.check`
+  says why, the job logs it and recomputes the block, and the holdout's bytes are checked
+  again as they are read for the gate. Φ is float32, exactly what
   the network computed: a block is always computed from the same rows in the same order, so
   a cache hit gives bit-identical features, and the refit the same readout, as recomputing.
 - **Files, not SQL**: Φ is 1 KiB per sample for a 256-wide layer, 4× the sample itself; in
@@ -78,6 +83,19 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 ROLES = 3  # train, validation, holdout (app.serving.sample_stream): rows are stored in that order
+
+
+class CorruptBlock(RuntimeError):
+    """A cached block's bytes do not match its digests (or do not load): never used."""
+
+
+def role_digest(key: str, index: int, role: int, ids: np.ndarray, phi: np.ndarray, y: np.ndarray) -> str:
+    """sha256 over what one role of one block holds, bound to the cache key and block index
+    (a block copied under another key or index does not verify either)."""
+    h = hashlib.sha256(f"{key}:{index}:{role}:{ids.shape}:{phi.shape}:{y.shape}:".encode())
+    for array in (ids, phi, y):
+        h.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return h.hexdigest()
 
 
 @dataclass
@@ -146,9 +164,42 @@ class FeatureCache:
                            tuple(meta["offsets"]))
 
     def valid(self, index: int, needed_upto: int, audit_mark: int) -> bool:
-        """Block ``index`` holds every row up to ``needed_upto`` as of ``audit_mark``."""
+        """Block ``index`` holds every row up to ``needed_upto`` as of ``audit_mark``, intact."""
         meta = self.meta(index)
-        return meta is not None and meta["built_upto"] >= needed_upto and meta["audit_mark"] == audit_mark
+        return (meta is not None and meta["built_upto"] >= needed_upto and meta["audit_mark"] == audit_mark
+                and self.check(index, meta) is None)
+
+    def check(self, index: int, meta: dict[str, Any] | None = None) -> str | None:
+        """None if block ``index`` loads and every role matches its digest; else what is wrong."""
+        meta = meta or self.meta(index)
+        if meta is None:
+            return "missing"
+        digests = meta.get("digests")
+        if not isinstance(digests, list) or len(digests) != ROLES:
+            return "no digests (written by an older version)"
+        try:
+            block = self.load(index, meta)
+            if not (block.ids.shape[0] == block.phi.shape[0] == block.y.shape[0] == block.offsets[-1]
+                    == meta.get("rows")):
+                return (f"row counts disagree (ids {block.ids.shape[0]}, phi {block.phi.shape[0]}, "
+                        f"y {block.y.shape[0]}, meta {meta.get('rows')})")
+            for r in range(ROLES):
+                part = block.role(r)
+                now = role_digest(self.key, index, r, block.ids[part], block.phi[part], block.y[part])
+                if now != digests[r]:
+                    return f"role {r}'s ids/features/labels do not match their digest"
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # truncated, foreign file
+            return f"unreadable ({type(e).__name__}: {e})"
+        return None
+
+    def verify_role(self, index: int, role: int, ids: np.ndarray, phi: np.ndarray, y: np.ndarray,
+                    meta: dict[str, Any]) -> None:
+        """Raises :class:`CorruptBlock` unless one role's rows, as just read, match their digest."""
+        digests = meta.get("digests") or [None] * ROLES
+        if role_digest(self.key, index, role, ids, phi, y) != digests[role]:
+            raise CorruptBlock(f"feature cache block {index} ({self.dir.name}) changed on disk: role "
+                               f"{role}'s rows no longer match their digest; not used (retrain again: the "
+                               "block is recomputed)")
 
     @contextlib.contextmanager
     def claim(self, index: int, wait: bool = True) -> Iterator[bool]:
@@ -175,9 +226,13 @@ class FeatureCache:
         try:
             for name, array in (("ids", block.ids), ("phi", block.phi), ("y", block.y)):
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
+            parts = [block.role(r) for r in range(ROLES)]
+            digests = [role_digest(self.key, block.index, r, block.ids[p], block.phi[p], block.y[p])
+                       for r, p in enumerate(parts)]
             (tmp / "meta.json").write_text(json.dumps({
                 "built_upto": built_upto, "audit_mark": audit_mark, "rows": int(block.ids.shape[0]),
-                "offsets": list(block.offsets), "worker": worker or f"{socket.gethostname()}/{os.getpid()}"}))
+                "offsets": list(block.offsets), "digests": digests,
+                "worker": worker or f"{socket.gethostname()}/{os.getpid()}"}))
             if final.exists():  # replace: move the old one aside first (rename is atomic)
                 trash = self.dir / f".{block.index:09d}.{os.getpid()}.{time.monotonic_ns()}.old"
                 os.replace(final, trash)
