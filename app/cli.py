@@ -306,7 +306,11 @@ def serve(host: str | None = typer.Option(None, help="bind address (SKQK_HOST, d
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     key_source = "SKQK_API_KEY" if settings.api_key else str(settings.api_key_file.resolve())
     resolve_api_key(settings)
-    active = ensure_bootstrapped(store, settings)  # logs what it stores, each epoch, the score
+    try:
+        active = ensure_bootstrapped(store, settings)  # logs what it stores, each epoch, the score
+    except ValueError as exc:  # SKQK_BOOTSTRAP_DATA unusable (DataFileError, SchemaError, BootstrapError)
+        store.dispose()
+        _fail(f"cannot bootstrap version 1: {exc}", 2)
     console.print(f"store {_safe_url(store.url)}: active version {active}; admin key from {key_source}")
     store.dispose()
     uvicorn.run("app.api.main:create_app", factory=True, host=settings.host, port=settings.port,

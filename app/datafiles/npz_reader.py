@@ -2,6 +2,12 @@
 
 Each member is opened as a zip stream and its .npy header parsed, so rows come straight off
 the (possibly deflated) stream: memory holds one chunk, never the arrays.
+
+A header is a claim, not a fact: before anything is allocated or read, the declared shape is
+held against limits (:func:`_check_declared`): at most ``MAX_FEATURES`` values per row, and
+a data size that matches what the zip directory says the member holds (itself bounded by
+the compressed size on disk times deflate's best ratio). A 371-byte file declaring
+(1, 2^40), or 408 KB of zeros declaring 10^12 rows, is refused up front, naming the mismatch.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import numpy.lib.format as npy
 from app.datafiles.base import BadValue, Chunk, DataFileError, first_bad
 
 _F32_MAX = float(np.finfo(np.float32).max)
+MAX_FEATURES = 1 << 20  # values per row (x flattened; y's targets): 4 MiB of float32 per row
+MAX_DIMS = 8
+_DEFLATE_MAX_RATIO = 1100  # deflate cannot expand more than ~1032:1; a little slack
 
 
 class _NpyStream:
@@ -30,6 +39,11 @@ class _NpyStream:
         self.fp: IO[bytes] = zf.open(member)
         self.shape, self.dtype = _header(self.fp, member)
         self.data_start = self.fp.tell()
+        try:
+            _check_declared(zf, zf.getinfo(member), self.shape, self.dtype, self.data_start)
+        except DataFileError:
+            self.fp.close()
+            raise
         self.rows = self.shape[0]
         self.width = math.prod(self.shape[1:])  # values per row once flattened
         self.row_bytes = self.width * self.dtype.itemsize
@@ -74,6 +88,43 @@ def _header(fp: IO[bytes], member: str) -> tuple[tuple[int, ...], np.dtype]:
     if fortran and len(shape) > 1:  # rows are not contiguous: cannot be streamed
         raise DataFileError(f"{member} is stored in Fortran order; save it with np.ascontiguousarray(...)")
     return shape, dtype
+
+
+def _check_declared(zf: zipfile.ZipFile, info: zipfile.ZipInfo, shape: tuple[int, ...], dtype: np.dtype,
+                    header_bytes: int) -> None:
+    """The header's shape against hard limits and against the sizes the zip directory records."""
+    member = info.filename
+    if len(shape) > MAX_DIMS or any(not isinstance(d, int) or d < 0 for d in shape):
+        raise DataFileError(f"{member} declares an unusable shape {list(shape)[:MAX_DIMS + 1]}")
+    width = math.prod(shape[1:])  # python ints: no overflow, however large the claim
+    if width > MAX_FEATURES:
+        raise DataFileError(f"{member} declares {width:,} values per row (shape {list(shape)}); at most "
+                            f"{MAX_FEATURES:,} are supported")
+    declared = shape[0] * width * dtype.itemsize
+    holds = info.file_size - header_bytes  # what the zip directory says the member's data is
+    if declared != holds:
+        raise DataFileError(f"{member} declares shape {list(shape)} ({declared:,} bytes of {dtype}) but the "
+                            f"archive records {max(holds, 0):,} bytes of data for it: the header does "
+                            "not match the data (corrupt or forged file)")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise DataFileError(f"{member} is compressed with zip method {info.compress_type}; only stored or "
+                            "deflated members are read (np.savez / np.savez_compressed)")
+    on_disk = info.compress_size
+    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _DEFLATE_MAX_RATIO
+    if info.file_size > on_disk * ratio or on_disk > _archive_size(zf):
+        raise DataFileError(f"{member}: the archive claims {info.file_size:,} bytes from {on_disk:,} "
+                            "compressed bytes, more than the file can hold (corrupt or forged file)")
+
+
+def _archive_size(zf: zipfile.ZipFile) -> int:
+    fp = zf.fp
+    if fp is None:
+        return 0
+    here = fp.tell()
+    try:
+        return fp.seek(0, 2)
+    finally:
+        fp.seek(here)
 
 
 @contextlib.contextmanager
