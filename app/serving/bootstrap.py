@@ -78,8 +78,22 @@ def bootstrap_table(store: Store, settings: Settings, table: TrainingTable, arch
                     on_epoch: EpochCallback | None = None, activate: bool = True) -> BootstrapResult:
     started = time.perf_counter()
     cfg.task = table.task
+    resolve_arch(arch, table.schema.input_dim, table.schema.num_outputs)  # a misfit fails before storing
+    new_batches: list[int] = []
+    try:
+        return _bootstrap_stored(store, settings, table, arch, cfg, on_epoch, activate, started, new_batches)
+    except BaseException as exc:  # Ctrl-C included: init is all or nothing
+        from app.serving.init_rollback import discard_batches
+
+        discard_batches(store, new_batches, f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _bootstrap_stored(store: Store, settings: Settings, table: TrainingTable, arch: str, cfg: TrainConfig,
+                      on_epoch: EpochCallback | None, activate: bool, started: float,
+                      new_batches: list[int]) -> BootstrapResult:
     schema = table.schema
-    batch_ids = store_table(store, table)
+    batch_ids = store_table(store, table, new_batches=new_batches)
     rows = store.load_samples(schema.input_dim, batch_id=batch_ids,
                               n_targets=schema.num_outputs if schema.is_regression else None)
     masks = split_masks(rows.ids, settings.holdout_modulo)
@@ -111,8 +125,10 @@ def bootstrap_table(store: Store, settings: Settings, table: TrainingTable, arch
     return BootstrapResult(version, {**metrics, "bootstrap_seconds": seconds}, seconds)
 
 
-def store_table(store: Store, table: TrainingTable, chunk_rows: int = INIT_CHUNK_ROWS) -> list[int]:
-    """Store the rows in chunks; a chunk already stored (same source and content) is not repeated."""
+def store_table(store: Store, table: TrainingTable, chunk_rows: int = INIT_CHUNK_ROWS,
+                new_batches: list[int] | None = None) -> list[int]:
+    """Store the rows in chunks; a chunk already stored (same source and content) is not repeated.
+    ``new_batches`` collects the batches stored by this call (as they commit)."""
     batch_ids = []
     for start in range(0, table.x.shape[0], chunk_rows):
         x, y = table.x[start:start + chunk_rows], table.y[start:start + chunk_rows]
@@ -122,6 +138,8 @@ def store_table(store: Store, table: TrainingTable, chunk_rows: int = INIT_CHUNK
         else:
             res = store.ingest(x, y, idempotency_key=key)
         batch_ids.append(res.batch_id)
+        if not res.duplicate and new_batches is not None:
+            new_batches.append(res.batch_id)
     return batch_ids
 
 
