@@ -11,6 +11,10 @@
   (else 408, connection closed), and bodies over 64 KiB first reserve their size from the
   process's budget of in-flight body bytes (``BodyBudget``): one that does not fit in time
   gets 503 + Retry-After, one larger than the whole budget 413;
+- before a refused request (413, 503, 415, 400) is answered, what is left of its body is read
+  and dropped (up to ``DRAIN_MAX`` bytes, within ``body_timeout_s``): closing a connection
+  with unread bytes makes the kernel send a reset, and a client still sending its body then
+  sees "connection reset" instead of the answer. Nothing drained is kept;
 - store calls made while handling the request are bounded by ``store_timeout_s``
   (see app.storage.guard), so a hung database turns into a 503, not a hung request.
 """
@@ -37,6 +41,8 @@ BODY_METHODS = {"POST", "PUT", "PATCH"}
 _EMPTY_BODY: Message = {"type": "http.request", "body": b"", "more_body": False}  # no body: nothing read
 SMALL_BODY = 64 * 1024  # not counted: uvicorn buffers this much per connection anyway
 CLOSE = {"Connection": "close"}
+DRAIN_MAX = 64 * 1024 * 1024  # read and drop at most this much of a refused body; beyond, just close
+_DRAINED = {400, 413, 415, 503}
 
 
 def _is_json(content_type: str) -> bool:
@@ -104,6 +110,8 @@ class ServingMiddleware:
                 checked = await self._read_body(scope, receive)
                 if type(checked) is Refusal:
                     status = checked.status
+                    if status in _DRAINED:
+                        await self._discard_body(scope, receive)
                     await error_response(scope["path"], checked.status, checked.message,
                                          checked.headers)(scope, receive, send)
                     return
@@ -227,6 +235,29 @@ class ServingMiddleware:
             held[0] = size
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return {"type": "http.request", "body": body, "more_body": False}, held[0]
+
+    async def _discard_body(self, scope: Scope, receive: Receive) -> None:
+        """Read and drop the rest of a refused body, so the close after the answer is a clean one."""
+        content_length = 0
+        for name, value in scope["headers"]:
+            if name == b"expect":  # the client waits for 100 Continue: it has sent no body; keep it so
+                return
+            if name == b"content-length" and value.isdigit():
+                content_length = int(value)
+        if content_length > DRAIN_MAX:  # not worth reading: close at once (the client may see a reset)
+            return
+        left = DRAIN_MAX
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_s):
+                while left > 0:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return
+                    left -= len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        return
+        except TimeoutError:
+            return
 
     def _over_budget(self, size: int) -> Refusal:
         return Refusal(413, f"request body of {size} bytes exceeds the in-flight body budget of "
