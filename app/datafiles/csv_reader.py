@@ -54,7 +54,10 @@ class _Dropped:
 def csv_header(path: Path) -> list[str]:
     with _opened(path) as (_, stream):
         reader = _reader(stream, None, 1, _Dropped())
-        return list(reader.schema.names)
+        try:
+            return list(reader.schema.names)
+        finally:
+            reader.close()
 
 
 def csv_chunks(path: Path, plan: ColumnPlan, chunk_rows: int, start_row: int) -> Iterator[Chunk]:
@@ -75,12 +78,17 @@ def _pass(
             reader = _reader(stream, _types(plan, text), pos[0], dropped)
         except pa.ArrowInvalid as e:
             raise _failure(e, text) from e
-        for table in rechunk(_batches(reader, text), chunk_rows):
-            _stop_at_dropped(dropped, pos[0], pos[0] + chunk_rows, table, plan, guess)
-            chunk = table_chunk(table, plan, guess, pos[0], raw.tell())
-            pos[0] += table.num_rows
-            yield chunk
-        _stop_at_dropped(dropped, pos[0], None, None, plan, guess)  # the file ends with dropped rows
+        # closed here, whatever happens: a reader left to the garbage collector, still referenced
+        # by an error's traceback at interpreter exit, hung or aborted the process (SIGABRT)
+        try:
+            for table in rechunk(_batches(reader, text), chunk_rows):
+                _stop_at_dropped(dropped, pos[0], pos[0] + chunk_rows, table, plan, guess)
+                chunk = table_chunk(table, plan, guess, pos[0], raw.tell())
+                pos[0] += table.num_rows
+                yield chunk
+            _stop_at_dropped(dropped, pos[0], None, None, plan, guess)  # the file ends with dropped rows
+        finally:
+            reader.close()
 
 
 def _stop_at_dropped(
@@ -141,12 +149,15 @@ def _failure(e: pa.ArrowInvalid, text: bool) -> Exception:
 
 
 @contextlib.contextmanager
-def _opened(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO | pa.NativeFile]]:
+def _opened(path: Path) -> Iterator[tuple[pa.NativeFile, pa.NativeFile]]:
     """The raw file (its position is the progress) and the stream pyarrow parses."""
-    try:
-        raw = open(path, "rb")  # noqa: SIM115 - closed below, after the stream
-    except OSError as e:
-        raise DataFileError(f"cannot open {path}: {e.strerror}") from e
+    try:  # pyarrow's own file, not a Python one: its reader threads never need the GIL (a
+        # Python file read from them at interpreter exit, after an error, hung or aborted)
+        raw = pa.memory_map(str(path), "r")  # zero-copy: no read buffers held in pyarrow's pool
+    except FileNotFoundError as e:
+        raise DataFileError(f"cannot open {path}: no such file") from e
+    except (OSError, pa.ArrowException) as e:
+        raise DataFileError(f"cannot open {path}: {e}") from e
     with raw:
         gz = path.name.lower().endswith(".gz")
         stream = pa.CompressedInputStream(raw, "gzip") if gz else raw

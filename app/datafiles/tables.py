@@ -35,18 +35,23 @@ def plan_columns(
         raise DataFileError("no label column given; name the column(s) that hold the labels")
     if label_kind == "class" and len(labels) > 1:
         raise DataFileError(f"class labels come from one column, got {len(labels)}: {list_columns(labels)}")
+    label_set = set(labels)
     features = list(feature_columns) if feature_columns is not None else [
-        c for c in file_columns if c not in labels
+        c for c in file_columns if c not in label_set
     ]
     _check_names(file_columns, labels, features)
     if not features:
         raise DataFileError("no feature columns: the file has only the label column(s)")
-    order = {c: file_columns.index(c) for c in [*features, *labels]}
+    first = {}  # name → first position (dicts and sets: a 100,000-column file is not quadratic)
+    for i, c in enumerate(file_columns):
+        first.setdefault(c, i)
+    order = {c: first[c] for c in [*features, *labels]}
     return ColumnPlan(features, labels, label_kind, order)
 
 
 def _check_names(file_columns: list[str], labels: list[str], features: list[str]) -> None:
-    both = [c for c in features if c in labels]
+    label_set, in_header = set(labels), set(file_columns)
+    both = [c for c in features if c in label_set]
     if both:
         raise DataFileError("is both a label and a feature column", column=both[0])
     asked = Counter([*labels, *features])
@@ -54,7 +59,7 @@ def _check_names(file_columns: list[str], labels: list[str], features: list[str]
     if twice:
         raise DataFileError("is named twice", column=twice[0])
     for c in asked:
-        if c not in file_columns:
+        if c not in in_header:
             listed = list_columns(file_columns)
             raise DataFileError(f"no such column; the file's columns are: {listed}", column=c)
     in_file = Counter(file_columns)
