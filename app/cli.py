@@ -304,7 +304,9 @@ def serve(host: str | None = typer.Option(None, help="bind address (SKQK_HOST, d
     settings, store = _store()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    key_source = "SKQK_API_KEY" if settings.api_key else str(settings.api_key_file.resolve())
+    key_source = settings.key_source()
+    for warning in settings.loose_secret_files():
+        logging.getLogger("skqk.settings").warning(warning)
     resolve_api_key(settings)
     try:
         active = ensure_bootstrapped(store, settings)  # logs what it stores, each epoch, the score

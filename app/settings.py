@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import stat
 import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger("skqk.settings")
@@ -58,6 +59,7 @@ class Settings(BaseSettings):
     api_key_secret: Path | None = Field(
         None, validation_alias="SKQK_API_KEY_FILE",
         description="file holding the admin key (a Docker secret); SKQK_API_KEY wins when both are set")
+    _from_files: dict[str, tuple[str, Path]] = PrivateAttr(default_factory=dict)  # field → (variable, file)
 
     # ---- HTTP ---------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -180,7 +182,28 @@ class Settings(BaseSettings):
             path = getattr(self, file)
             if not getattr(self, value) and path is not None:
                 setattr(self, value, _read_secret(path, env))
+                self._from_files[value] = (env, path)
         return self
+
+    def key_source(self) -> str:
+        """Where the admin key came from, for the log (never the key itself)."""
+        if "api_key" in self._from_files:
+            env, path = self._from_files["api_key"]
+            return f"{env}={path}"
+        return "SKQK_API_KEY" if self.api_key else str(self.api_key_file.resolve())
+
+    def loose_secret_files(self) -> list[str]:
+        """Warnings for secret files any user of the machine can read."""
+        out = []
+        for env, path in self._from_files.values():
+            try:
+                mode = path.stat().st_mode
+            except OSError:
+                continue
+            if mode & stat.S_IROTH:
+                out.append(f"{env}={path} is readable by every user of this machine (mode "
+                           f"{stat.S_IMODE(mode):04o}); restrict it: chmod 600 {path}")
+        return out
 
     @property
     def resolved_database_url(self) -> str:
