@@ -431,6 +431,10 @@ def _opset(model: onnx.ModelProto) -> int:
     if versions[0] < MIN_OPSET:
         raise UnsupportedModel(f"opset {versions[0]} is older than {MIN_OPSET}; re-export with "
                                f"opset_version >= {MIN_OPSET}")
+    newest = onnx.defs.onnx_opset_version()
+    if versions[0] > newest:
+        raise UnsupportedModel(f"opset {versions[0]} is newer than this onnx release knows ({newest}); "
+                               f"re-export with opset_version <= {newest} or upgrade onnx/onnxruntime")
     return int(versions[0])
 
 
@@ -468,7 +472,10 @@ def _prescan(model: onnx.ModelProto) -> None:
 
 def import_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None) -> ImportedNetwork:
     """Read an ONNX ReLU network (Conv/Gemm/MatMul, Relu, pools, residual Adds, foldable BN)."""
-    model = onnx.load(str(path))
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf DecodeError, truncated or foreign file: a message, not a traceback
+        raise UnsupportedModel(f"not an ONNX model ({type(e).__name__}: {str(e)[:300]})") from None
     opset = _opset(model)
     _prescan(model)
     graph_in = _graph_input(model)
@@ -501,7 +508,10 @@ def run_onnx(path: str | Path, x: np.ndarray) -> np.ndarray:
     """
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime refuses the graph (opset, types, …): say so, exit 2 upstream
+        raise UnsupportedModel(f"onnxruntime cannot load the model ({str(e)[:400]})") from None
     meta = sess.get_inputs()[0]
     x = np.asarray(x, dtype=np.float32)
     n = x.shape[0]
