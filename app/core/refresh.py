@@ -31,6 +31,7 @@ import torch
 
 from app.core.data import Split
 from app.core.device import pick_device
+from app.core.drift import DriftThresholds
 from app.core.network import DecoupledModel, ReLUNet
 from app.core.tasks import check_task, evaluate_task, loss_fn
 from app.core.training import (
@@ -163,15 +164,17 @@ def refresh_retrain(model: DecoupledModel, train: Split, val: Split, cfg: TrainC
                     refresh: RefreshConfig = RefreshConfig(), on_epoch: EpochCallback | None = None,
                     should_cancel: CancelCheck | None = None,
                     on_refit: EpochCallback | None = None,
-                    is_new: torch.Tensor | None = None) -> tuple[DecoupledModel, TrainResult]:
+                    is_new: torch.Tensor | None = None,
+                    start: ReLUNet | None = None) -> tuple[DecoupledModel, TrainResult]:
     """Steps 2–3 of the module doc: a new decoupled model whose selector is the refreshed net.
 
     Returns the candidate and a result whose history holds the refresh epochs then the refit
     (``stage: "readout"``); ``wall_s`` covers both. ``is_new`` (bool per train row): which rows
     arrived since the selector was trained, for the row budget of :func:`budget_rows`.
+    ``start``: the net to refresh in place (default :func:`start_net` of ``model``).
     """
     t0 = time.perf_counter()
-    net = start_net(model)
+    net = start if start is not None else start_net(model)
     epoch_rows = train if is_new is None else train.subset(budget_rows(is_new.cpu(), refresh.old_per_new,
                                                                         cfg.seed).to(train.x.device))
     stage = refresh_layers(net, epoch_rows, val, cfg, layers, refresh, on_epoch, should_cancel)
@@ -193,3 +196,41 @@ def changed_layers(before: ReLUNet, after: ReLUNet) -> list[int]:
             if not all(torch.equal(a, b) for a, b in zip(before.blocks[i].parameters(),
                                                           after.blocks[i].parameters(), strict=True))]
 
+
+def _distribution_shift(drift: dict[str, Any], th: DriftThresholds) -> list[str]:
+    """Which distribution signals trip their threshold (empty when too few rows to judge)."""
+    if not drift.get("judged", True):
+        return []
+    limits = (("rate_ratio", th.rate_ratio), ("nn_ratio", th.nn_ratio), ("far_fraction", th.far_fraction))
+    return [f"{k} {float(drift[k]):.2f} > {v}" for k, v in limits if float(drift[k]) > v]
+
+
+def choose_mode(drift: dict[str, Any] | None, thresholds: DriftThresholds | None = None,
+                refresh_fits: bool = True) -> tuple[str, str]:
+    """``mode=auto``: (the mode to run, why), from the drift of the samples since the selector.
+
+    * much new data (``volume_ratio`` above its threshold) → ``full``: the structure itself
+      would improve (measured: QK 1.4–1.7 points short at volume 1; refresh is not calibrated
+      there);
+    * inputs shifted (a distribution signal trips) while the new data is small → ``refresh``:
+      the drifted layers re-learn for a small budget, then the readout is refit (``full``
+      instead when the rows do not fit the in-memory budget a refresh needs);
+    * otherwise → ``qk``.
+    """
+    th = thresholds or DriftThresholds()
+    if drift is None:
+        return "qk", ("auto: qk, no drift to measure (no new samples since the selector was "
+                      "trained, or its version records no data watermark)")
+    volume = float(drift["volume_ratio"])
+    if volume > th.volume_ratio:
+        return "full", f"auto: full, much new data (volume_ratio {volume:.2f} > {th.volume_ratio})"
+    shifted = _distribution_shift(drift, th)
+    if shifted:
+        layers = ", ".join(f"layer {e['param_layer']}: {float(e['rate_ratio']):.1f}"
+                           for e in drift.get("layers", []))
+        what = f"inputs shifted ({'; '.join(shifted)}; per-layer firing-rate ratios {layers})"
+        if not refresh_fits:
+            return "full", f"auto: full, {what}, and the rows exceed the in-memory budget of a refresh"
+        return "refresh", (f"auto: refresh, {what} with little new data (volume_ratio {volume:.2f} <= "
+                           f"{th.volume_ratio})")
+    return "qk", f"auto: qk ({drift['reason']})"

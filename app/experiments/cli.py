@@ -58,13 +58,15 @@ def retrain(dataset: str = typer.Option("digits", help="digits | mnist5k | synth
             seeds: int = typer.Option(5, min=1),
             new_fraction: str = typer.Option("0.2,0.5", help="share(s) of train that is new data"),
             shifts: str = typer.Option("none,brightness:0.3,contrast:0.5,classfreq:0.2",
-                                       help="none | brightness:B | contrast:C | classfreq:F, comma list"),
+                                       help="none | brightness:B | contrast:C | classfreq:F | offset:B | "
+                                                 "noise:S, comma list"),
             methods: str = typer.Option(",".join(["none", "full_warm", "full_scratch", "qk_fast",
-                                                  "qk_adam", "qk_random"]), help="comma-separated"),
+                                                  "qk_adam", "qk_random", "refresh"]),
+                                        help="comma-separated"),
             epochs: int = typer.Option(30, min=1), patience: int = typer.Option(5, min=1),
             device: str = typer.Option("auto", help="auto | cpu | cuda"),
             synthetic_n: int = typer.Option(20_000, min=100)) -> None:
-    """Hypothesis 2: no retrain vs full (warm/scratch) vs QK (fast/Adam/random init), ± shift."""
+    """Hypothesis 2: no retrain vs full (warm/scratch) vs QK (fast/Adam/random init) vs refresh, ± shift."""
     _needs_experiments_extra()
     from app.core.training import TrainConfig
     from app.experiments.retrain import run_retrain

@@ -2,7 +2,8 @@
 
 The math is :mod:`app.core.refresh`; this module brings the job's rows to it (in memory, like
 an in-memory full retrain), reports the phases (``refresh`` epochs, then ``refit``) and says
-which layers it re-learnt. The retrain job calls :func:`run_refresh` and :func:`choose_mode`.
+which layers it re-learnt. The retrain job calls :func:`run_refresh` and ``choose_mode``
+(:func:`app.core.refresh.choose_mode`, pure: the experiments ask it too).
 """
 
 from __future__ import annotations
@@ -13,52 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.core.drift import DriftThresholds
 from app.core.network import DecoupledModel
-from app.core.refresh import RefreshConfig, choose_layers, refresh_retrain, trained_layers
+from app.core.refresh import RefreshConfig, choose_layers, choose_mode, refresh_retrain, trained_layers
 from app.core.training import TrainConfig, TrainResult
 from app.serving.sample_stream import TRAIN, VAL, DataWindow
 from app.serving.streamed_data import load_role
 from app.storage import Store
-
-
-def _distribution_shift(drift: dict[str, Any], th: DriftThresholds) -> list[str]:
-    """Which distribution signals trip their threshold (empty when too few rows to judge)."""
-    if not drift.get("judged", True):
-        return []
-    limits = (("rate_ratio", th.rate_ratio), ("nn_ratio", th.nn_ratio), ("far_fraction", th.far_fraction))
-    return [f"{k} {float(drift[k]):.2f} > {v}" for k, v in limits if float(drift[k]) > v]
-
-
-def choose_mode(drift: dict[str, Any] | None, thresholds: DriftThresholds | None = None,
-                refresh_fits: bool = True) -> tuple[str, str]:
-    """``mode=auto``: (the mode to run, why), from the drift of the samples since the selector.
-
-    * much new data (``volume_ratio`` above its threshold) → ``full``: the structure itself
-      would improve (measured: QK 1.4–1.7 points short at volume 1; refresh is not calibrated
-      there);
-    * inputs shifted (a distribution signal trips) while the new data is small → ``refresh``:
-      the drifted layers re-learn for a small budget, then the readout is refit (``full``
-      instead when the rows do not fit the in-memory budget a refresh needs);
-    * otherwise → ``qk``.
-    """
-    th = thresholds or DriftThresholds()
-    if drift is None:
-        return "qk", ("auto: qk, no drift to measure (no new samples since the selector was "
-                      "trained, or its version records no data watermark)")
-    volume = float(drift["volume_ratio"])
-    if volume > th.volume_ratio:
-        return "full", f"auto: full, much new data (volume_ratio {volume:.2f} > {th.volume_ratio})"
-    shifted = _distribution_shift(drift, th)
-    if shifted:
-        layers = ", ".join(f"layer {e['param_layer']}: {float(e['rate_ratio']):.1f}"
-                           for e in drift.get("layers", []))
-        what = f"inputs shifted ({'; '.join(shifted)}; per-layer firing-rate ratios {layers})"
-        if not refresh_fits:
-            return "full", f"auto: full, {what}, and the rows exceed the in-memory budget of a refresh"
-        return "refresh", (f"auto: refresh, {what} with little new data (volume_ratio {volume:.2f} <= "
-                           f"{th.volume_ratio})")
-    return "qk", f"auto: qk ({drift['reason']})"
 
 
 def refresh_config(settings: Any) -> RefreshConfig:
@@ -107,3 +68,6 @@ def _train_is_new(store: Store, window: DataWindow, block_ids: int, selector_wat
     ids = window_ids(store, window, block_ids)
     train_ids = ids[window.roles(ids) == TRAIN]
     return torch.from_numpy(np.asarray(train_ids > selector_watermark))
+
+
+__all__ = ["choose_mode", "refresh_config", "run_refresh"]
