@@ -61,7 +61,8 @@ def test_gate_layers_walk_back_to_the_weights() -> None:
 
 
 def test_choose_layers() -> None:
-    layers = [{"layer": 1, "param_layer": 0, "rate_ratio": 9.0}, {"layer": 3, "param_layer": 2, "rate_ratio": 4.0},
+    layers = [{"layer": 1, "param_layer": 0, "rate_ratio": 9.0},
+              {"layer": 3, "param_layer": 2, "rate_ratio": 4.0},
               {"layer": 5, "param_layer": 4, "rate_ratio": 1.1}]
     assert choose_layers(layers, 3.0)[0] == [0]  # the lowest drifted layer
     assert choose_layers(layers, 3.0, max_layers=None)[0] == [0, 2]
