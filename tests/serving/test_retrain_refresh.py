@@ -9,8 +9,8 @@ from sklearn.datasets import load_digits
 
 from app.core.refresh import changed_layers
 from app.core.training import TrainingCancelled
+from app.retrain.job import run_retrain_job
 from app.serving.models import load_model
-from app.serving.retrain_job import run_retrain_job
 from app.settings import Settings
 from app.storage import Store
 
