@@ -129,7 +129,8 @@ class Settings(BaseSettings):
     retrain_refresh_epochs: int = Field(
         2, ge=1, description="mode=refresh: Adam epochs on the drifted layers (then the readout refit)")
     retrain_refresh_max_layers: int = Field(
-        1, ge=1, description="mode=refresh: re-learn at most this many drifted layers (the lowest)")
+        0, ge=0, description="mode=refresh: re-learn at most this many drifted layers, the lowest (0: all "
+                             "whose firing-rate ratio exceeds 3)")
     retrain_refresh_old_per_new: float = Field(
         1.0, ge=0.0, description="mode=refresh: old rows per new row in the refresh epochs (0: all rows)")
     retrain_drift_min_new: int = Field(

@@ -24,7 +24,7 @@ from app.storage import Store
 
 def refresh_config(settings: Any) -> RefreshConfig:
     return RefreshConfig(epochs=settings.retrain_refresh_epochs, lr=settings.retrain_lr,
-                         max_layers=settings.retrain_refresh_max_layers,
+                         max_layers=settings.retrain_refresh_max_layers or None,
                          old_per_new=settings.retrain_refresh_old_per_new or None)
 
 

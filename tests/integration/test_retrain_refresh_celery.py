@@ -46,7 +46,7 @@ def test_auto_refresh_runs_on_a_worker(deployment: Deployment) -> None:
         assert job["status"] == "succeeded", job
         result = job["result"]
         assert job["runner"] == "celery" and result["mode"] == "refresh", result["mode_reason"]
-        assert result["refresh"]["layers"] == [0] and "inputs shifted" in result["mode_reason"]
+        assert result["refresh"]["layers"][0] == 0 and "inputs shifted" in result["mode_reason"]
         if result["promoted"]:
             def swapped() -> bool:
                 out = c.post("/predict", json={"inputs": BRIGHT[:2].tolist()}).json()
