@@ -87,7 +87,12 @@ def calibrate(directory: Path = typer.Argument(..., help="directory with retrain
     """Drift signals vs the QK − full accuracy gap over retrain experiments; checks the rule."""
     _needs_experiments_extra()
     from app.experiments.calibrate import calibrate as run
+    from app.experiments.calibrate import calibrate_modes
 
     result = run(directory, tolerance / 100)
     typer.echo(f"{len(result['groups'])} settings; rule agrees in {result['agree']}; "
                f"wrote {directory}/drift_calibration.{{md,png}}")
+    modes = calibrate_modes(directory, tolerance / 100)
+    if modes["groups"]:
+        typer.echo(f"{len(modes['groups'])} settings with refresh; auto's pick within {tolerance} points of "
+                   f"the best mode in {modes['agree']}; wrote {directory}/mode_calibration.{{md,png}}")
