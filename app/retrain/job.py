@@ -323,8 +323,8 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
         t_train = time.perf_counter()
         refresh_info = None
         if mode == "refresh":
-            candidate, train_result, refresh_info = run_refresh(store, settings, window, block_ids, champion,
-                                                                drift, cfg, report, should_cancel)
+            candidate, train_result, refresh_info = run_refresh(store, settings, window, block_ids, ids,
+                                                                champion, drift, cfg, report, should_cancel)
             streamed = False
         elif mode == "qk":
             assert features is not None

@@ -28,11 +28,13 @@ def refresh_config(settings: Any) -> RefreshConfig:
                          old_per_new=settings.retrain_refresh_old_per_new or None)
 
 
-def run_refresh(store: Store, settings: Any, window: DataWindow, block_ids: int, champion: DecoupledModel,
-                drift: dict[str, Any] | None, cfg: TrainConfig, report: Callable[..., None],
+def run_refresh(store: Store, settings: Any, window: DataWindow, block_ids: int, ids: np.ndarray,
+                champion: DecoupledModel, drift: dict[str, Any] | None, cfg: TrainConfig,
+                report: Callable[..., None],
                 should_cancel: Callable[[], bool] | None
                 ) -> tuple[DecoupledModel, TrainResult, dict[str, Any]]:
-    """Refresh the champion on the window's rows; (candidate, result, what it did)."""
+    """Refresh the champion on the window's rows (``ids``: the window's ids in order); (candidate,
+    result, what it did)."""
     if drift is None or not drift.get("layers"):
         raise ValueError("mode=refresh needs the drift of new samples since the selector was trained "
                          "(none: no new samples, or the selector's version records no data watermark); "
@@ -43,7 +45,10 @@ def run_refresh(store: Store, settings: Any, window: DataWindow, block_ids: int,
     report(phase="loading", refresh_layers=layers, refresh_trained_layers=trained, refresh_reason=why)
     train = load_role(store, window, TRAIN, block_ids)
     val = load_role(store, window, VAL, block_ids)
-    is_new = _train_is_new(store, window, block_ids, int(drift["selector_watermark"]))
+    train_ids = ids[window.roles(ids) == TRAIN]  # load_role returns the rows in id order
+    is_new = torch.from_numpy(np.asarray(train_ids > int(drift["selector_watermark"])))
+    if len(train_ids) != len(train):
+        raise RuntimeError(f"refresh: {len(train)} training rows read, {len(train_ids)} expected")
     report(phase="refresh", epochs=rc.epochs)
 
     def on_epoch(m: dict[str, Any]) -> None:
@@ -59,15 +64,6 @@ def run_refresh(store: Store, settings: Any, window: DataWindow, block_ids: int,
     info = {"layers": layers, "trained_layers": trained, "reason": why, "epochs": rc.epochs,
             "old_per_new": rc.old_per_new, "rows_new": int(is_new.sum()), "rows_train": len(train)}
     return candidate, result, info
-
-
-def _train_is_new(store: Store, window: DataWindow, block_ids: int, selector_watermark: int) -> torch.Tensor:
-    """bool per training row (id order, as :func:`load_role` returns them): added since the selector."""
-    from app.retrain.streamed_data import window_ids  # one import site for the window's ids
-
-    ids = window_ids(store, window, block_ids)
-    train_ids = ids[window.roles(ids) == TRAIN]
-    return torch.from_numpy(np.asarray(train_ids > selector_watermark))
 
 
 __all__ = ["choose_mode", "refresh_config", "run_refresh"]
