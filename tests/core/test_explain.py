@@ -101,7 +101,8 @@ def check_exact(model: DecoupledModel, x: torch.Tensor) -> None:
         assert float(ex.direction_linf[i].abs().max()) == 1.0
 
 
-@pytest.mark.parametrize("name", ["mlp", "mlp-normalised-unshared", "lenet5", "conv-pool", "conv-pool-unshared"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-normalised-unshared", "lenet5", "conv-pool",
+                                  "conv-pool-unshared"])
 def test_exact_and_certified_on_built_nets(tmp_path: Path, name: str) -> None:
     model = _models(tmp_path)[name]
     gen = torch.Generator().manual_seed(7)

@@ -1,0 +1,338 @@
+"""``POST /explain``, the v2 explain extension and KServe v1 ``POST /v1/models/{name}:explain``.
+
+Each request takes the version it explains once (the active one, or the one its path names),
+so a hot swap never mixes versions in an answer. The maths is ``app.core.explain``: exact
+contributions ``A_j(x)·(x_j − r_j)``, the intercept ``A(x)·r + c(x)``, the certified radius.
+Work runs on one explanation thread per process (explanations cost ~D forward passes per row;
+one at a time keeps ``/predict``'s batcher responsive) and is capped per request by
+``SKQK_EXPLAIN_MAX_ELEMENTS`` (413): rows × inputs × (widest layer + gated units) is what the
+Jacobians occupy, so the cap bounds a request's time; memory is bounded by chunking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from app.api.errors import ApiError, FastJSONResponse, parse_body
+from app.api.explain_schemas import (
+    ExplainRequest,
+    ExplainResponse,
+    KServeExplainRequest,
+    KServeExplainResponse,
+)
+from app.api.inference import _check_name, _loaded_version, _v2_input
+from app.api.openapi import BODY_ERRORS, Operation, describe
+from app.api.rows import json_kind, parse_rows
+from app.api.schemas import V2InferRequest, V2InferResponse
+from app.api.state import AppState, get_state, require_predict_key
+from app.core.explain import Explainer, cost_per_row, group_columns
+from app.core.features import FeatureSchema, SchemaError
+from app.serving.holder import LoadedModel
+
+router = APIRouter()
+
+_explainers: weakref.WeakKeyDictionary[LoadedModel, Explainer] = weakref.WeakKeyDictionary()
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(1, thread_name_prefix="skqk-explain",
+                                           initializer=torch.set_num_threads, initargs=(threads,))
+        return _executor
+
+
+def explainer_of(loaded: LoadedModel) -> Explainer:
+    """One Explainer per loaded version (its linear-part copies are built once)."""
+    found = _explainers.get(loaded)
+    if found is None:
+        found = _explainers[loaded] = Explainer(loaded.model)
+    return found
+
+
+def feature_groups(schema: FeatureSchema) -> tuple[list[str], np.ndarray | None]:
+    """Names contributions are reported under, and each input column's group (None: identity).
+
+    The hook for encoded inputs: when a schema maps encoded columns (one-hot blocks …) back to
+    its original columns, return (original names, column → original index) here and the
+    contributions of a block are summed into its column.
+    """
+    return list(schema.feature_names), None
+
+
+# ---- what the client asked for -------------------------------------------------------------------
+def resolve_reference(value: Any, loaded: LoadedModel, field: str) -> tuple[np.ndarray, str]:
+    """(r float64 [D], its source) for ``"mean"`` (default), ``"zero"`` or one client row."""
+    schema, dim = loaded.schema, loaded.input_dim
+    if value is None or value == "mean":
+        if schema.reference is not None:
+            return np.asarray(schema.reference, dtype=np.float64), "training_mean"
+        if loaded.spec.input_norm is not None:  # a version stored before references: its normalisation
+            return np.asarray(loaded.spec.input_norm[0], dtype=np.float64), "normalization_mean"
+        return np.zeros(dim), "zero"
+    if value == "zero":
+        return np.zeros(dim), "zero"
+    if isinstance(value, str):
+        raise ApiError(422, f'{field}: expected "mean", "zero" or a row, got the string {value!r}')
+    if type(value) not in (list, dict):
+        raise ApiError(422, f'{field}: expected "mean", "zero" or a row, got {json_kind(value)}')
+    row = parse_rows([value], schema, lambda _i: field, field)
+    return row[0].astype(np.float64), "client"
+
+
+def resolve_outputs(value: Any, schema: FeatureSchema, field: str) -> np.ndarray | str:
+    """Which outputs to explain: "predicted", "all", or one output index."""
+    if value is None or value == "predicted":
+        return "all" if schema.is_regression else "predicted"
+    if value == "all":
+        return "all"
+    if schema.is_regression:
+        names = list(schema.target_names)
+        if isinstance(value, str) and value in names:
+            return np.asarray([names.index(value)])
+        if type(value) is int and 0 <= value < len(names):
+            return np.asarray([value])
+        raise ApiError(422, f'{field}: expected "all" or a target name {names}, got {value!r}')
+    if type(value) not in (str, int):
+        raise ApiError(422, f'{field}: expected "predicted", "all", a class name or index, got '
+                            f"{json_kind(value)}")
+    try:
+        return np.asarray([schema.label_index(value, field)])
+    except SchemaError as exc:
+        raise ApiError(422, str(exc)) from None
+
+
+def check_size(st: AppState, loaded: LoadedModel, rows: int, field: str) -> None:
+    per_row = cost_per_row(loaded.spec)
+    cap = st.settings.explain_max_elements
+    if rows * per_row <= cap:
+        return
+    fits = cap // per_row
+    advice = (f"send at most {fits} rows per request" if fits else
+              "this model's explanation of one row is over it; raise SKQK_EXPLAIN_MAX_ELEMENTS")
+    raise ApiError(413, f"{field}: {rows} rows × {per_row:,} Jacobian values per row (inputs × (widest "
+                        f"layer + gated units)) = {rows * per_row:,} exceeds SKQK_EXPLAIN_MAX_ELEMENTS="
+                        f"{cap:,}; {advice}")
+
+
+# ---- the computation ------------------------------------------------------------------------------
+@dataclass
+class Explained:
+    version: int
+    schema: FeatureSchema
+    outputs: np.ndarray  # float32 [N, K] the model's outputs
+    predictions: np.ndarray  # int64 [N] argmax (classification)
+    chosen: np.ndarray  # int64 [N, K'] the explained outputs
+    contributions: np.ndarray  # float64 [N, K', G]
+    intercept: np.ndarray  # float64 [N, K']
+    active_units: np.ndarray  # int64 [N]
+    total_units: int
+    radius_l2: np.ndarray  # float64 [N] (inf: unbounded)
+    radius_linf: np.ndarray
+    reference: np.ndarray  # float64 [D]
+    reference_source: str
+    names: list[str]
+
+
+def compute(loaded: LoadedModel, x: np.ndarray, reference: np.ndarray, source: str,
+            which: np.ndarray | str) -> Explained:
+    """Everything of one request on ``loaded`` (runs on the explanation thread)."""
+    explainer = explainer_of(loaded)
+    dtype = loaded.model.estimator.net.readout.weight.dtype
+    with torch.inference_mode():
+        ex = explainer.explain(torch.from_numpy(x).to(loaded.device, dtype))
+    outputs = ex.outputs.float().cpu().numpy()
+    jac = ex.jacobian.cpu().double().numpy()  # [N, K, D]
+    offset = ex.offset.cpu().double().numpy()
+    n, k = outputs.shape
+    predictions = outputs.argmax(1)
+    if isinstance(which, str):
+        chosen = predictions[:, None] if which == "predicted" else np.broadcast_to(np.arange(k), (n, k))
+    else:
+        chosen = np.broadcast_to(which, (n, len(which)))
+    jac = np.take_along_axis(jac, chosen[:, :, None], axis=1)  # [N, K', D]
+    contrib = jac * (x.astype(np.float64) - reference)[:, None, :]
+    intercept = jac @ reference + np.take_along_axis(offset, chosen, axis=1)
+    names, groups = feature_groups(loaded.schema)
+    if groups is not None:
+        contrib = group_columns(torch.from_numpy(contrib), torch.from_numpy(groups), len(names)).numpy()
+    return Explained(loaded.version, loaded.schema, outputs, predictions, np.ascontiguousarray(chosen),
+                     contrib, intercept, ex.active_units.cpu().numpy(), explainer.total_units,
+                     ex.radius_l2.cpu().double().numpy(), ex.radius_linf.cpu().double().numpy(),
+                     reference, source, names)
+
+
+async def explain_rows(st: AppState, loaded: LoadedModel, x: np.ndarray, reference: Any, outputs: Any,
+                       field: str = "inputs", options: str = "") -> Explained:
+    """Checks (size, reference, outputs, ranges) on the loop, then the maths on the explanation thread."""
+    check_size(st, loaded, x.shape[0], field)
+    ref, source = resolve_reference(reference, loaded, f"{options}reference")
+    which = resolve_outputs(outputs, loaded.schema, f"{options}outputs")
+    st.check_ranges(loaded.schema, x, "explain", lambda r: f"{field}[{r}]", refuse=False)
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(_pool(st.settings.torch_threads), compute, loaded, x, ref, source,
+                                        which)
+    bad = ~np.isfinite(result.outputs).all(1)
+    if bad.any():
+        raise ApiError(422, f"{field}[{int(np.argmax(bad))}]: the model's output is not finite for this row "
+                            "(its values are far outside what the model handles)")
+    return result
+
+
+# ---- answers --------------------------------------------------------------------------------------
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _output_names(schema: FeatureSchema) -> list[Any]:
+    if schema.is_regression:
+        return list(schema.target_names)
+    return schema.class_labels(np.arange(schema.num_outputs))
+
+
+def row_explanations(e: Explained) -> tuple[list[Any], list[dict[str, Any]]]:
+    """(predictions, one explanation object per row) — the /explain and KServe rows."""
+    schema, names = e.schema, e.names
+    out_names = _output_names(schema)
+    outputs, chosen = e.outputs.tolist(), e.chosen.tolist()
+    contrib, intercept = e.contributions.tolist(), e.intercept.tolist()
+    r2, rinf, active = e.radius_l2.tolist(), e.radius_linf.tolist(), e.active_units.tolist()
+    if schema.is_regression:
+        predictions: list[Any] = [o[0] if len(o) == 1 else o for o in outputs]
+    else:
+        predictions = schema.class_labels(e.predictions)
+    rows = []
+    for i, pred in enumerate(predictions):
+        explained = [{"output": out_names[c], "value": outputs[i][c], "intercept": intercept[i][j],
+                      "contributions": dict(zip(names, contrib[i][j], strict=True))}
+                     for j, c in enumerate(chosen[i])]
+        row: dict[str, Any] = {"prediction": pred}
+        if not schema.is_regression:
+            row["prediction_index"] = int(e.predictions[i])
+        row.update(outputs=explained, active_units=active[i], total_units=e.total_units,
+                   certified_radius={"l2": _finite(r2[i]), "linf": _finite(rinf[i])})
+        rows.append(row)
+    return predictions, rows
+
+
+def _reference_body(e: Explained) -> dict[str, Any]:
+    return {"source": e.reference_source, "values": dict(zip(e.schema.feature_names, e.reference.tolist(),
+                                                             strict=True))}
+
+
+def explain_body(e: Explained) -> dict[str, Any]:
+    _, rows = row_explanations(e)
+    return {"model_version": e.version, "reference": _reference_body(e), "explanations": rows}
+
+
+@router.post("/explain", dependencies=[Depends(require_predict_key)])
+async def explain(request: Request) -> Response:
+    st = get_state(request)
+    req = parse_body(ExplainRequest, await request.body())
+    loaded = st.require_model()  # pinned: this version parses, explains and formats the answer
+    x = parse_rows(req.inputs, loaded.schema, lambda i: f"inputs[{i}]", "inputs")
+    return FastJSONResponse(explain_body(await explain_rows(st, loaded, x, req.reference, req.outputs)))
+
+
+# ---- KServe v1 ------------------------------------------------------------------------------------
+@router.post("/v1/models/{name}:explain", dependencies=[Depends(require_predict_key)])
+async def kserve_explain(name: str, request: Request) -> Response:
+    """KServe's v1 verb: ``{"instances": [...]}`` → ``{"predictions": [...], "explanations": [...]}``."""
+    st = get_state(request)
+    _check_name(st, name)
+    req = parse_body(KServeExplainRequest, await request.body())
+    if (req.instances is None) == (req.inputs is None):
+        raise ApiError(422, "instances: give the rows as instances (or inputs), exactly one of the two")
+    field = "instances" if req.instances is not None else "inputs"
+    rows = req.instances if req.instances is not None else req.inputs
+    loaded = st.require_model()
+    x = parse_rows(rows or [], loaded.schema, lambda i: f"{field}[{i}]", field)
+    e = await explain_rows(st, loaded, x, req.reference, req.outputs, field)
+    predictions, explanations = row_explanations(e)
+    return FastJSONResponse({"predictions": predictions, "explanations": explanations,
+                             "model_version": e.version})
+
+
+# ---- Open Inference Protocol v2: the explain extension --------------------------------------------
+def _tensor(name: str, values: np.ndarray | list[Any], datatype: str) -> dict[str, Any]:
+    arr = np.asarray(values)
+    data: Any = arr.reshape(-1).tolist()
+    if datatype == "FP32":
+        data = [_finite(v) for v in data]
+    return {"name": name, "shape": list(arr.shape), "datatype": datatype, "data": data}
+
+
+def v2_explain_body(e: Explained, name: str, request_id: str | None) -> dict[str, Any]:
+    schema = e.schema
+    labels = _output_names(schema)
+    label_type = "BYTES" if (schema.is_regression or schema.class_names is not None) else "INT64"
+    explained = np.asarray([[labels[c] for c in row] for row in e.chosen.tolist()])
+    outputs = [_tensor("output_values", np.take_along_axis(e.outputs, e.chosen, axis=1), "FP32"),
+               _tensor("explained_outputs", explained, label_type),
+               _tensor("contributions", e.contributions, "FP32"),
+               _tensor("intercept", e.intercept, "FP32"),
+               _tensor("active_units", e.active_units, "INT64"),
+               _tensor("radius_l2", e.radius_l2, "FP32"),
+               _tensor("radius_linf", e.radius_linf, "FP32")]
+    if not schema.is_regression:
+        outputs.insert(0, _tensor("predictions", np.asarray(schema.class_labels(e.predictions)),
+                                  "BYTES" if schema.class_names else "INT64"))
+    return {"model_name": name, "model_version": str(e.version),
+            "id": request_id if request_id is not None else uuid.uuid4().hex,
+            "parameters": {"feature_names": e.names, "total_units": e.total_units,
+                           "reference": _reference_body(e)},
+            "outputs": outputs}
+
+
+async def _v2_explain(request: Request, name: str, version: str | None) -> Response:
+    st = get_state(request)
+    _check_name(st, name)
+    req = parse_body(V2InferRequest, await request.body())
+    loaded = st.require_model() if version is None else await _loaded_version(st, name, version)
+    if any(t.parameters and "binary_data_size" in t.parameters for t in req.inputs):
+        raise ApiError(422, "inputs: the explain extension takes JSON tensor data only")
+    x = _v2_input(req, loaded, [None] * len(req.inputs))
+    params = req.parameters or {}
+    e = await explain_rows(st, loaded, x, params.get("reference"), params.get("outputs"),
+                           options="parameters.")
+    return FastJSONResponse(v2_explain_body(e, name, req.id))
+
+
+@router.post("/v2/models/{name}/explain", dependencies=[Depends(require_predict_key)])
+async def v2_explain(name: str, request: Request) -> Response:
+    return await _v2_explain(request, name, None)
+
+
+@router.post("/v2/models/{name}/versions/{version}/explain", dependencies=[Depends(require_predict_key)])
+async def v2_explain_version(name: str, version: str, request: Request) -> Response:
+    return await _v2_explain(request, name, version)
+
+
+_ERRORS = (*BODY_ERRORS, 503)
+_SIZE = {413: "body over SKQK_MAX_BODY_BYTES, or the rows' Jacobians over SKQK_EXPLAIN_MAX_ELEMENTS "
+              "(the message says how many rows fit)"}
+describe("POST", "/explain", Operation({200: ExplainResponse}, _ERRORS, ExplainRequest, scope="predict",
+                                       notes=_SIZE))
+describe("POST", "/v1/models/{name}:explain", Operation(
+    {200: KServeExplainResponse}, (*_ERRORS, 404), KServeExplainRequest, scope="predict", notes=_SIZE))
+for _path in ("/v2/models/{name}/explain", "/v2/models/{name}/versions/{version}/explain"):
+    describe("POST", _path, Operation(
+        {200: V2InferResponse}, (*_ERRORS, 404), V2InferRequest, scope="predict",
+        notes={**_SIZE, 200: "outputs: predictions, output_values, explained_outputs, contributions "
+                             "[N, K', features], intercept, active_units, radius_l2, radius_linf; "
+                             "request parameters: reference, outputs (as for /explain)"}))
