@@ -15,9 +15,7 @@ import asyncio
 import math
 import threading
 import uuid
-import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,13 +35,13 @@ from app.api.openapi import BODY_ERRORS, Operation, describe
 from app.api.rows import json_kind, parse_rows
 from app.api.schemas import V2InferRequest, V2InferResponse
 from app.api.state import AppState, get_state, require_predict_key
-from app.core.explain import Explainer, cost_per_row, group_columns
-from app.core.features import FeatureSchema, SchemaError
+from app.core.explain import cost_per_row
+from app.core.features import FeatureSchema
+from app.serving.explaining import Explained, ExplainInputError, compute, named_reference, resolve_outputs
 from app.serving.holder import LoadedModel
 
 router = APIRouter()
 
-_explainers: weakref.WeakKeyDictionary[LoadedModel, Explainer] = weakref.WeakKeyDictionary()
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
@@ -57,64 +55,16 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return _executor
 
 
-def explainer_of(loaded: LoadedModel) -> Explainer:
-    """One Explainer per loaded version (its linear-part copies are built once)."""
-    found = _explainers.get(loaded)
-    if found is None:
-        found = _explainers[loaded] = Explainer(loaded.model)
-    return found
-
-
-def feature_groups(schema: FeatureSchema) -> tuple[list[str], np.ndarray | None]:
-    """Names contributions are reported under, and each input column's group (None: identity).
-
-    The hook for encoded inputs: when a schema maps encoded columns (one-hot blocks …) back to
-    its original columns, return (original names, column → original index) here and the
-    contributions of a block are summed into its column.
-    """
-    return list(schema.feature_names), None
-
-
-# ---- what the client asked for -------------------------------------------------------------------
 def resolve_reference(value: Any, loaded: LoadedModel, field: str) -> tuple[np.ndarray, str]:
     """(r float64 [D], its source) for ``"mean"`` (default), ``"zero"`` or one client row."""
-    schema, dim = loaded.schema, loaded.input_dim
-    if value is None or value == "mean":
-        if schema.reference is not None:
-            return np.asarray(schema.reference, dtype=np.float64), "training_mean"
-        if loaded.spec.input_norm is not None:  # a version stored before references: its normalisation
-            return np.asarray(loaded.spec.input_norm[0], dtype=np.float64), "normalization_mean"
-        return np.zeros(dim), "zero"
-    if value == "zero":
-        return np.zeros(dim), "zero"
+    if value is None:
+        value = "mean"
     if isinstance(value, str):
-        raise ApiError(422, f'{field}: expected "mean", "zero" or a row, got the string {value!r}')
+        return named_reference(value, loaded.schema, loaded.spec, field)
     if type(value) not in (list, dict):
         raise ApiError(422, f'{field}: expected "mean", "zero" or a row, got {json_kind(value)}')
-    row = parse_rows([value], schema, lambda _i: field, field)
+    row = parse_rows([value], loaded.schema, lambda _i: field, field)
     return row[0].astype(np.float64), "client"
-
-
-def resolve_outputs(value: Any, schema: FeatureSchema, field: str) -> np.ndarray | str:
-    """Which outputs to explain: "predicted", "all", or one output index."""
-    if value is None or value == "predicted":
-        return "all" if schema.is_regression else "predicted"
-    if value == "all":
-        return "all"
-    if schema.is_regression:
-        names = list(schema.target_names)
-        if isinstance(value, str) and value in names:
-            return np.asarray([names.index(value)])
-        if type(value) is int and 0 <= value < len(names):
-            return np.asarray([value])
-        raise ApiError(422, f'{field}: expected "all" or a target name {names}, got {value!r}')
-    if type(value) not in (str, int):
-        raise ApiError(422, f'{field}: expected "predicted", "all", a class name or index, got '
-                            f"{json_kind(value)}")
-    try:
-        return np.asarray([schema.label_index(value, field)])
-    except SchemaError as exc:
-        raise ApiError(422, str(exc)) from None
 
 
 def check_size(st: AppState, loaded: LoadedModel, rows: int, field: str) -> None:
@@ -130,63 +80,19 @@ def check_size(st: AppState, loaded: LoadedModel, rows: int, field: str) -> None
                         f"{cap:,}; {advice}")
 
 
-# ---- the computation ------------------------------------------------------------------------------
-@dataclass
-class Explained:
-    version: int
-    schema: FeatureSchema
-    outputs: np.ndarray  # float32 [N, K] the model's outputs
-    predictions: np.ndarray  # int64 [N] argmax (classification)
-    chosen: np.ndarray  # int64 [N, K'] the explained outputs
-    contributions: np.ndarray  # float64 [N, K', G]
-    intercept: np.ndarray  # float64 [N, K']
-    active_units: np.ndarray  # int64 [N]
-    total_units: int
-    radius_l2: np.ndarray  # float64 [N] (inf: unbounded)
-    radius_linf: np.ndarray
-    reference: np.ndarray  # float64 [D]
-    reference_source: str
-    names: list[str]
-
-
-def compute(loaded: LoadedModel, x: np.ndarray, reference: np.ndarray, source: str,
-            which: np.ndarray | str) -> Explained:
-    """Everything of one request on ``loaded`` (runs on the explanation thread)."""
-    explainer = explainer_of(loaded)
-    dtype = loaded.model.estimator.net.readout.weight.dtype
-    with torch.inference_mode():
-        ex = explainer.explain(torch.from_numpy(x).to(loaded.device, dtype))
-    outputs = ex.outputs.float().cpu().numpy()
-    jac = ex.jacobian.cpu().double().numpy()  # [N, K, D]
-    offset = ex.offset.cpu().double().numpy()
-    n, k = outputs.shape
-    predictions = outputs.argmax(1)
-    if isinstance(which, str):
-        chosen = predictions[:, None] if which == "predicted" else np.broadcast_to(np.arange(k), (n, k))
-    else:
-        chosen = np.broadcast_to(which, (n, len(which)))
-    jac = np.take_along_axis(jac, chosen[:, :, None], axis=1)  # [N, K', D]
-    contrib = jac * (x.astype(np.float64) - reference)[:, None, :]
-    intercept = jac @ reference + np.take_along_axis(offset, chosen, axis=1)
-    names, groups = feature_groups(loaded.schema)
-    if groups is not None:
-        contrib = group_columns(torch.from_numpy(contrib), torch.from_numpy(groups), len(names)).numpy()
-    return Explained(loaded.version, loaded.schema, outputs, predictions, np.ascontiguousarray(chosen),
-                     contrib, intercept, ex.active_units.cpu().numpy(), explainer.total_units,
-                     ex.radius_l2.cpu().double().numpy(), ex.radius_linf.cpu().double().numpy(),
-                     reference, source, names)
-
-
 async def explain_rows(st: AppState, loaded: LoadedModel, x: np.ndarray, reference: Any, outputs: Any,
                        field: str = "inputs", options: str = "") -> Explained:
     """Checks (size, reference, outputs, ranges) on the loop, then the maths on the explanation thread."""
     check_size(st, loaded, x.shape[0], field)
-    ref, source = resolve_reference(reference, loaded, f"{options}reference")
-    which = resolve_outputs(outputs, loaded.schema, f"{options}outputs")
+    try:
+        ref, source = resolve_reference(reference, loaded, f"{options}reference")
+        which = resolve_outputs(outputs, loaded.schema, f"{options}outputs")
+    except ExplainInputError as exc:
+        raise ApiError(422, str(exc)) from None
     st.check_ranges(loaded.schema, x, "explain", lambda r: f"{field}[{r}]", refuse=False)
     loop = asyncio.get_running_loop()
-    result = await loop.run_in_executor(_pool(st.settings.torch_threads), compute, loaded, x, ref, source,
-                                        which)
+    result = await loop.run_in_executor(_pool(st.settings.torch_threads), compute, loaded.model,
+                                        loaded.schema, loaded.version, x, ref, source, which)
     bad = ~np.isfinite(result.outputs).all(1)
     if bad.any():
         raise ApiError(422, f"{field}[{int(np.argmax(bad))}]: the model's output is not finite for this row "
@@ -282,7 +188,7 @@ def v2_explain_body(e: Explained, name: str, request_id: str | None) -> dict[str
     labels = _output_names(schema)
     label_type = "BYTES" if (schema.is_regression or schema.class_names is not None) else "INT64"
     explained = np.asarray([[labels[c] for c in row] for row in e.chosen.tolist()])
-    outputs = [_tensor("output_values", np.take_along_axis(e.outputs, e.chosen, axis=1), "FP32"),
+    outputs = [_tensor("output_values", e.output_values(), "FP32"),
                _tensor("explained_outputs", explained, label_type),
                _tensor("contributions", e.contributions, "FP32"),
                _tensor("intercept", e.intercept, "FP32"),
