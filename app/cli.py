@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app.experiments.cli import experiment_app
+from app.explain_cli import explain_command
 from app.samples_cli import samples_app
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ cli = typer.Typer(help="skqk-serve: serve ReLU nets as selector+estimator; cheap
                   no_args_is_help=True, add_completion=False)
 cli.add_typer(experiment_app, name="experiment")
 cli.add_typer(samples_app, name="samples")
+cli.command("explain")(explain_command)
 console = Console()
 
 
