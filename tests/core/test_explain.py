@@ -38,7 +38,7 @@ def _decoupled(spec: ArchSpec, seed: int, shared: bool = True) -> DecoupledModel
 
 
 def _imported(name: str, tmp_path: Path) -> DecoupledModel:
-    from app.importers.torch_export_import import import_pt2
+    from app.intake.networks.torch_export_import import import_pt2
     from tests.importers.nets import trained
 
     net, shape = trained(name)
