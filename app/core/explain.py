@@ -148,7 +148,8 @@ class Explainer:
         offset = est.gated_forward(torch.zeros_like(x), structure)
         # tangents: the D unit vectors of every row, each under its row's structure
         basis = torch.eye(d, dtype=x.dtype, device=x.device).repeat(n, 1)  # [N·D, D]
-        spread = Structure([g.repeat_interleave(d, 0) for g in structure.gates],
+        # gates as the working dtype: the gated pass multiplies by them (bool would convert per layer)
+        spread = Structure([g.to(x.dtype).repeat_interleave(d, 0) for g in structure.gates],
                            [p.repeat_interleave(d, 0) for p in structure.pool_indices])
         grads: list[torch.Tensor] = []
         jac = self.lin_estimator.gated_forward(basis, spread, taps=grads if self.shared else None)
@@ -172,9 +173,12 @@ class Explainer:
         d2, dinf = r2.new_zeros(n, d), r2.new_zeros(n, d)
         pi = 0
         kinds = [layer["type"] for layer in self.spec.layers if layer["type"] in ("relu", "maxpool")]
-        for kind, z, g in zip(kinds, values, grads, strict=True):
+        for layer, (kind, z, g) in enumerate(zip(kinds, values, grads, strict=True)):
             if kind == "relu":
-                a, b, da, db = _relu_radius(z.reshape(n, -1), g.reshape(n, d, -1))
+                g = g.reshape(n, d, -1)
+                if layer == 0:  # nothing structural before it: its gradient is the same for every row
+                    g = g[:1].expand(n, -1, -1)
+                a, b, da, db = _relu_radius(z.reshape(n, -1), g)
             else:
                 a, b, da, db = _pool_radius(z, g, structure.pool_indices[pi], pool_geometry(self.pools[pi]))
                 pi += 1
@@ -195,19 +199,26 @@ def _ratio(margin: torch.Tensor, grad: torch.Tensor) -> Ratios:
     pattern (‖·‖∞ = 1). A margin exactly at 0 counts as "off" (as ``z > 0`` gates): it grows.
     """
     n = grad.shape[0]
-    l2 = torch.linalg.vector_norm(grad, 2, dim=1)
-    l1 = grad.abs().sum(dim=1)
+    if grad.stride(0) == 0:  # one gradient for every row (broadcast): its norms once
+        l2 = grad[:1].square().sum(dim=1).sqrt_().expand(n, -1)
+        l1 = grad[:1].abs().sum(dim=1).expand(n, -1)
+    else:
+        l2 = grad.square().sum(dim=1).sqrt_()  # ~6× faster than linalg.vector_norm over a middle axis
+        l1 = grad.abs().sum(dim=1)
     m = margin.abs()
     inf = torch.tensor(math.inf, dtype=m.dtype, device=m.device)
     a = torch.where(l2 > 0, m / l2, inf)
     b = torch.where(l1 > 0, m / l1, inf)
-    ia, ib = a.argmin(1), b.argmin(1)
-    rows = torch.arange(n, device=m.device)
+    ia, ib = a.argmin(1, keepdim=True), b.argmin(1, keepdim=True)  # [N, 1]
     toward = torch.where(margin > 0, -1.0, 1.0).to(grad.dtype)  # the sign that moves the margin to 0
-    ga = grad[rows, :, ia] * toward[rows, ia][:, None]
-    gb = grad[rows, :, ib] * toward[rows, ib][:, None]
+
+    def pick(i: torch.Tensor) -> torch.Tensor:  # the binding unit's gradient, pointing to its boundary
+        g = grad.gather(2, i[:, None, :].expand(n, grad.shape[1], 1)).squeeze(2)
+        return g * toward.gather(1, i)
+
+    ga, gb = pick(ia), pick(ib)
     da = ga / torch.linalg.vector_norm(ga, 2, dim=1, keepdim=True).clamp_min(torch.finfo(ga.dtype).tiny)
-    return a[rows, ia], b[rows, ib], da, torch.sign(gb)
+    return a.gather(1, ia).squeeze(1), b.gather(1, ib).squeeze(1), da, torch.sign(gb)
 
 
 def _relu_radius(z: torch.Tensor, g: torch.Tensor) -> Ratios:
