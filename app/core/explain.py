@@ -149,8 +149,8 @@ class Explainer:
         # tangents: the D unit vectors of every row, each under its row's structure
         basis = torch.eye(d, dtype=x.dtype, device=x.device).repeat(n, 1)  # [N·D, D]
         # gates as the working dtype: the gated pass multiplies by them (bool would convert per layer)
-        spread = Structure([g.to(x.dtype).repeat_interleave(d, 0) for g in structure.gates],
-                           [p.repeat_interleave(d, 0) for p in structure.pool_indices])
+        spread = Structure([_spread(g.to(x.dtype), d) for g in structure.gates],
+                           [_spread(p, d) for p in structure.pool_indices])
         grads: list[torch.Tensor] = []
         jac = self.lin_estimator.gated_forward(basis, spread, taps=grads if self.shared else None)
         if not self.shared:
@@ -189,6 +189,11 @@ class Explainer:
 
 
 Ratios = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _spread(t: torch.Tensor, d: int) -> torch.Tensor:
+    """[N, …] → [N·d, …], each row d times in a row (a plain copy; repeat_interleave gathers)."""
+    return t.unsqueeze(1).expand(t.shape[0], d, *t.shape[1:]).reshape(t.shape[0] * d, *t.shape[1:])
 
 
 def _ratio(margin: torch.Tensor, grad: torch.Tensor) -> Ratios:
