@@ -24,16 +24,10 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from app.api.errors import ApiError, FastJSONResponse, parse_body
-from app.api.explain_schemas import (
-    ExplainRequest,
-    ExplainResponse,
-    KServeExplainRequest,
-    KServeExplainResponse,
-)
+from app.api.explain_schemas import ExplainRequest, KServeExplainRequest
 from app.api.inference import _check_name, _loaded_version, _v2_input
-from app.api.openapi import BODY_ERRORS, Operation, describe
 from app.api.rows import json_kind, parse_rows
-from app.api.schemas import V2InferRequest, V2InferResponse
+from app.api.schemas import V2InferRequest
 from app.api.state import AppState, get_state, require_predict_key
 from app.core.explain import cost_per_row
 from app.core.features import FeatureSchema
@@ -227,18 +221,3 @@ async def v2_explain(name: str, request: Request) -> Response:
 @router.post("/v2/models/{name}/versions/{version}/explain", dependencies=[Depends(require_predict_key)])
 async def v2_explain_version(name: str, version: str, request: Request) -> Response:
     return await _v2_explain(request, name, version)
-
-
-_ERRORS = (*BODY_ERRORS, 503)
-_SIZE = {413: "body over SKQK_MAX_BODY_BYTES, or the rows' Jacobians over SKQK_EXPLAIN_MAX_ELEMENTS "
-              "(the message says how many rows fit)"}
-describe("POST", "/explain", Operation({200: ExplainResponse}, _ERRORS, ExplainRequest, scope="predict",
-                                       notes=_SIZE))
-describe("POST", "/v1/models/{name}:explain", Operation(
-    {200: KServeExplainResponse}, (*_ERRORS, 404), KServeExplainRequest, scope="predict", notes=_SIZE))
-for _path in ("/v2/models/{name}/explain", "/v2/models/{name}/versions/{version}/explain"):
-    describe("POST", _path, Operation(
-        {200: V2InferResponse}, (*_ERRORS, 404), V2InferRequest, scope="predict",
-        notes={**_SIZE, 200: "outputs: predictions, output_values, explained_outputs, contributions "
-                             "[N, K', features], intercept, active_units, radius_l2, radius_linf; "
-                             "request parameters: reference, outputs (as for /explain)"}))

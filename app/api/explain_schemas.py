@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.schemas import ROW_SCHEMA
+from app.api.schemas import ROW_SCHEMA, _optional_array
 
 REFERENCE_SCHEMA: dict[str, Any] = {
     "description": '"mean" (default: the training mean stored with the version; versions stored before '
@@ -22,21 +22,33 @@ OUTPUTS_SCHEMA: dict[str, Any] = {
     "anyOf": [{"type": "string"}, {"type": "integer"}]}
 
 
+def _optional(schema: dict[str, Any]) -> Any:
+    """An optional value documented as ``schema`` that may be left out (never as null)."""
+
+    def apply(target: dict[str, Any]) -> None:
+        target.pop("default", None)
+        target.update(schema)
+
+    return apply
+
+
 class ExplainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt "refrence" must not silently mean "mean"
     inputs: list[Any] = Field(json_schema_extra={"minItems": 1, "items": ROW_SCHEMA})
-    reference: Any = Field(None, json_schema_extra=REFERENCE_SCHEMA)
-    outputs: Any = Field(None, json_schema_extra=OUTPUTS_SCHEMA)
+    reference: Any = Field(None, json_schema_extra=_optional(REFERENCE_SCHEMA))
+    outputs: Any = Field(None, json_schema_extra=_optional(OUTPUTS_SCHEMA))
 
 
 class KServeExplainRequest(BaseModel):
     """KServe v1: ``instances`` (or ``inputs``) are rows as for ``/predict``."""
 
     model_config = ConfigDict(extra="forbid")
-    instances: list[Any] | None = Field(None, json_schema_extra={"minItems": 1, "items": ROW_SCHEMA})
-    inputs: list[Any] | None = Field(None, json_schema_extra={"minItems": 1, "items": ROW_SCHEMA})
-    reference: Any = Field(None, json_schema_extra=REFERENCE_SCHEMA)
-    outputs: Any = Field(None, json_schema_extra=OUTPUTS_SCHEMA)
+    instances: list[Any] | None = Field(None, json_schema_extra=_optional_array(
+        "rows, as for /predict", {"minItems": 1, "items": ROW_SCHEMA}))
+    inputs: list[Any] | None = Field(None, json_schema_extra=_optional_array(
+        "the same, under the name inputs (give one of the two)", {"minItems": 1, "items": ROW_SCHEMA}))
+    reference: Any = Field(None, json_schema_extra=_optional(REFERENCE_SCHEMA))
+    outputs: Any = Field(None, json_schema_extra=_optional(OUTPUTS_SCHEMA))
 
 
 class Radius(BaseModel):
