@@ -75,7 +75,7 @@ def check_size(st: AppState, loaded: LoadedModel, rows: int, field: str) -> None
 
 
 async def explain_rows(st: AppState, loaded: LoadedModel, x: np.ndarray, reference: Any, outputs: Any,
-                       field: str = "inputs", options: str = "") -> Explained:
+                       field: str = "inputs", options: str = "", radius: bool = True) -> Explained:
     """Checks (size, reference, outputs, ranges) on the loop, then the maths on the explanation thread."""
     check_size(st, loaded, x.shape[0], field)
     try:
@@ -86,7 +86,7 @@ async def explain_rows(st: AppState, loaded: LoadedModel, x: np.ndarray, referen
     st.check_ranges(loaded.schema, x, "explain", lambda r: f"{field}[{r}]", refuse=False)
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(_pool(st.settings.torch_threads), compute, loaded.model,
-                                        loaded.schema, loaded.version, x, ref, source, which)
+                                        loaded.schema, loaded.version, x, ref, source, which, radius)
     bad = ~np.isfinite(result.outputs).all(1)
     if bad.any():
         raise ApiError(422, f"{field}[{int(np.argmax(bad))}]: the model's output is not finite for this row "
@@ -146,7 +146,8 @@ async def explain(request: Request) -> Response:
     req = parse_body(ExplainRequest, await request.body())
     loaded = st.require_model()  # pinned: this version parses, explains and formats the answer
     x = parse_rows(req.inputs, loaded.schema, lambda i: f"inputs[{i}]", "inputs")
-    return FastJSONResponse(explain_body(await explain_rows(st, loaded, x, req.reference, req.outputs)))
+    e = await explain_rows(st, loaded, x, req.reference, req.outputs, radius=req.radius)
+    return FastJSONResponse(explain_body(e))
 
 
 # ---- KServe v1 ------------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ async def kserve_explain(name: str, request: Request) -> Response:
     rows = req.instances if req.instances is not None else req.inputs
     loaded = st.require_model()
     x = parse_rows(rows or [], loaded.schema, lambda i: f"{field}[{i}]", field)
-    e = await explain_rows(st, loaded, x, req.reference, req.outputs, field)
+    e = await explain_rows(st, loaded, x, req.reference, req.outputs, field, radius=req.radius)
     predictions, explanations = row_explanations(e)
     return FastJSONResponse({"predictions": predictions, "explanations": explanations,
                              "model_version": e.version})
@@ -208,8 +209,11 @@ async def _v2_explain(request: Request, name: str, version: str | None) -> Respo
         raise ApiError(422, "inputs: the explain extension takes JSON tensor data only")
     x = _v2_input(req, loaded, [None] * len(req.inputs))
     params = req.parameters or {}
+    radius = params.get("radius", True)
+    if type(radius) is not bool:
+        raise ApiError(422, f"parameters.radius: expected true or false, got {json_kind(radius)}")
     e = await explain_rows(st, loaded, x, params.get("reference"), params.get("outputs"),
-                           options="parameters.")
+                           options="parameters.", radius=radius)
     return FastJSONResponse(v2_explain_body(e, name, req.id))
 
 

@@ -130,7 +130,9 @@ def explain_command(
         output: str = typer.Option("predicted", "--output", help='"predicted" (regression: every target), '
                                                                  '"all", or a class or target name'),
         reference: str = typer.Option("mean", "--reference", help="mean (the stored training mean) | zero"),
-        chunk_rows: int = typer.Option(4096, min=1, help="rows read and explained at a time")) -> None:
+        chunk_rows: int = typer.Option(4096, min=1, help="rows read and explained at a time"),
+        radius: bool = typer.Option(True, "--radius/--no-radius",
+                                    help="--no-radius: contributions only (several times faster)")) -> None:
     """Exact per-feature contributions, intercept and certified radius of every row of FILE."""
     from app.core.features import SchemaError
     from app.serving.explaining import ExplainInputError, compute, named_reference, resolve_outputs
@@ -166,7 +168,7 @@ def explain_command(
     try:
         with progress:
             for x in read_feature_chunks(file, list(schema.feature_names), chunk_rows):
-                e = compute(model, schema, v, x, ref, source, which)
+                e = compute(model, schema, v, x, ref, source, which, radius)
                 writer.write(_table(e, done + 1))
                 done += x.shape[0]
                 progress.update(bar, completed=done)

@@ -57,6 +57,17 @@ def test_reference_and_outputs_options(client: httpx.Client) -> None:
     assert three["reference"]["source"] == "zero"
     zero_out = three["explanations"][0]["outputs"][0]
     assert zero_out["output"] == 3 and zero_out["value"] == every[0]["outputs"][3]["value"]
+    # radius: false: the same numbers without the certified radius
+    quick = client.post("/explain", json={"inputs": x, "outputs": "all", "radius": False}).json()
+    quick = quick["explanations"]
+    for a, b in zip(quick, every, strict=True):
+        assert a["certified_radius"] == {"l2": None, "linf": None}
+        for oa, ob in zip(a["outputs"], b["outputs"], strict=True):
+            assert np.allclose(list(oa["contributions"].values()), list(ob["contributions"].values()),
+                               rtol=1e-4, atol=1e-5)
+            assert np.isclose(oa["intercept"], ob["intercept"], rtol=1e-4, atol=1e-5)
+        _check_identity(a)
+    assert client.post("/explain", json={"inputs": x, "radius": "no"}).status_code == 422
     # the row itself as reference: every contribution is 0 and the intercept is the output
     named = {f"f{j}": v for j, v in enumerate(x[0])}
     own = client.post("/explain", json={"inputs": [named], "reference": named}).json()

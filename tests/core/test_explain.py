@@ -144,3 +144,15 @@ def test_grouping_and_costs() -> None:
     spec = mlp([10, 32, 4])
     assert cost_per_row(spec) == 10 * (32 + 32)
     assert total_units(spec) == 32
+
+
+@pytest.mark.parametrize("name", ["mlp-normalised-unshared", "conv-pool-unshared"])
+def test_without_radius_the_same_map_from_reverse_passes(tmp_path: Path, name: str) -> None:
+    model = _models(tmp_path)[name]
+    x = torch.randn(3, model.spec.input_dim, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    full, fast = Explainer(model).explain(x), Explainer(model).explain(x, radius=False)
+    torch.testing.assert_close(fast.jacobian, full.jacobian, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.offset, full.offset, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.outputs, full.outputs)
+    assert torch.equal(fast.active_units, full.active_units)
+    assert fast.radius_l2.isnan().all() and fast.radius_linf.isnan().all()
