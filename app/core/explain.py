@@ -24,7 +24,9 @@ memory rows × D × widest layer (``cost_per_row``: what the serving cap is coun
 Generalising to piece indices (LeakyReLU/ReLU6/Hardtanh): the gated forward then applies
 slope[piece]·h + const[piece]; the linear part must zero ``const`` as well, and the radius
 needs, per unit, the distance to *both* breakpoints of its piece (|z − t| for each threshold
-t bounding the piece) instead of |z| alone. ``_relu_radius`` is the only place to change.
+t bounding the piece) instead of |z| alone (``_relu_radius``), ``_spread`` must keep piece
+indices as they are (it casts boolean gates to the working dtype), and ``_explain_fast`` needs
+nothing new. ``run_layers``'s ``taps`` must keep handing over each unit's input.
 """
 
 from __future__ import annotations
