@@ -100,6 +100,10 @@ class Settings(BaseSettings):
                             "on the loop only when the process has one CPU and a full batch takes < 2 ms")
     device: str = Field("auto", description="auto | cpu | cuda (serving and retraining)")
     version_cache_size: int = Field(2, ge=0, description="non-active versions kept loaded for /versions/{v}")
+    explain_max_elements: int = Field(
+        1 << 28, ge=1, description="/explain: refuse (413) a request whose rows × inputs × (widest layer + "
+                                   "gated units) exceeds this; it bounds one request's work (memory is "
+                                   "bounded separately, by explaining in chunks)")
 
     # ---- model registry / hot-swap --------------------------------------------------------
     poll_interval_s: float = Field(2.0, gt=0, description="how often a replica checks the active version")

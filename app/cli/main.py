@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from app.cli.data import ingest, init
+from app.cli.explain import explain_command
 from app.cli.networks import export, import_model_command
 from app.cli.retrain import retrain
 from app.cli.samples import samples_app
@@ -18,6 +19,7 @@ cli.add_typer(samples_app, name="samples")
 cli.command()(init)
 cli.command()(ingest)
 cli.command("import")(import_model_command)
+cli.command("explain")(explain_command)
 for command in (export, serve, retrain, worker):
     cli.command()(command)
 

@@ -92,6 +92,7 @@ def bootstrap_table(store: Store, settings: Settings, table: TrainingTable, arch
     spec = _spec_for(table, arch, train)
     if table.normalize:  # learnt ranges go with learnt normalisation: a user's file
         schema = schema.with_ranges_from(train.x.numpy())
+    schema = schema.with_reference_from(train.x.numpy())  # /explain's default reference
     net = ReLUNet(spec, seed=cfg.seed)
     result = train_full(net, train, val, cfg, on_epoch=on_epoch)
     device = next(net.parameters()).device

@@ -95,6 +95,8 @@ def import_model(store: Store, settings: Settings, path: Path, data: Path | None
     spec = net.spec
     table = _data_table(data, label_columns, features, task, classes) if data is not None else None
     schema = _schema(imported, table, task, classes)
+    if table is not None:  # /explain's default reference: the mean of the rows it came with
+        schema = schema.with_reference_from(table.x)
     model = DecoupledModel.from_net(net)
     diff = check_against_source(model, run_source, spec.input_dim, table)
     batch_ids: list[int] = []
