@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from app.core.encoding import Encoding
+
 TASKS = ("classification", "regression")
 RANGE_MARGIN = 0.10  # learnt ranges widen each feature's [min, max] by 10 % of its span per side
 
@@ -39,6 +41,8 @@ class FeatureSchema:
     range_min: tuple[float, ...] | None = None
     range_max: tuple[float, ...] | None = None
     source: str | None = None
+    # a table's column types (app.core.encoding): feature_names are then the encoded inputs
+    encoding: Encoding | None = None
     _index: dict[str, int] = field(init=False, compare=False, repr=False)
     _class_index: dict[str, int] = field(init=False, compare=False, repr=False)
     _bounds: tuple[np.ndarray, np.ndarray] | None = field(init=False, compare=False, repr=False)
@@ -49,6 +53,8 @@ class FeatureSchema:
         if len(self.feature_names) != math.prod(self.input_shape):
             raise SchemaError(f"{len(self.feature_names)} feature names for input shape "
                               f"{list(self.input_shape)}")
+        if self.encoding is not None and list(self.feature_names) != self.encoding.input_names():
+            raise SchemaError("feature names must be the encoding's input names")
         if len(set(self.feature_names)) != len(self.feature_names):
             raise SchemaError("feature names must be unique")
         if self.task == "classification":
@@ -57,7 +63,7 @@ class FeatureSchema:
         elif not self.target_names:
             raise SchemaError("a regression schema needs at least one target name")
         # lookups built once (frozen dataclass: set through object.__setattr__)
-        object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.feature_names)})
+        object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.columns)})
         object.__setattr__(self, "_class_index", {name: i for i, name in enumerate(self.class_names or ())})
         bounds = ((np.asarray(self.range_min, dtype=np.float64), np.asarray(self.range_max, dtype=np.float64))
                   if self.has_ranges else None)
@@ -77,6 +83,15 @@ class FeatureSchema:
         return self.task == "regression"
 
     @property
+    def columns(self) -> tuple[str, ...]:
+        """The names clients send values for: the table's columns, or the feature names."""
+        return self.encoding.names if self.encoding is not None else self.feature_names
+
+    def encoded_feature_groups(self) -> list[str]:
+        """For each network input (in order), the name of the column it encodes."""
+        return self.encoding.groups() if self.encoding is not None else list(self.feature_names)
+
+    @property
     def has_ranges(self) -> bool:
         return self.range_min is not None and self.range_max is not None
 
@@ -92,6 +107,8 @@ class FeatureSchema:
             d["target_names"] = list(self.target_names)
         d["ranges"] = ({"min": list(self.range_min), "max": list(self.range_max)}  # type: ignore[arg-type]
                        if self.has_ranges else None)
+        if self.encoding is not None:  # absent key: numeric schemas stay as they were
+            d["columns"] = self.encoding.to_list()
         return d
 
     @classmethod
@@ -106,7 +123,8 @@ class FeatureSchema:
                    label_column=d.get("label_column"),
                    range_min=tuple(float(v) for v in ranges["min"]) if ranges else None,
                    range_max=tuple(float(v) for v in ranges["max"]) if ranges else None,
-                   source=d.get("source"))
+                   source=d.get("source"),
+                   encoding=Encoding.from_list(d["columns"]) if d.get("columns") else None)
 
     @classmethod
     def default(cls, input_shape: Sequence[int], num_outputs: int, source: str | None = None
@@ -128,15 +146,18 @@ class FeatureSchema:
     # ---- rows ------------------------------------------------------------------------------
     def row_from_object(self, obj: dict[str, Any], where: str) -> list[Any]:
         """A row given as ``{feature name: value}`` → values in schema order."""
-        missing = [n for n in self.feature_names if n not in obj]
         extra = [k for k in obj if k not in self._index]
         if extra:
             raise SchemaError(f"{where}: unknown feature {extra[0]!r}"
-                              f"{_suggest(extra[0], self.feature_names)}")
+                              f"{_suggest(extra[0], self.columns)}")
+        if self.encoding is not None:  # a column that had missing values may be left out: missing
+            missing = [c.name for c in self.encoding.columns if c.name not in obj and not c.missing]
+        else:
+            missing = [n for n in self.feature_names if n not in obj]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise SchemaError(f"{where}: missing feature {missing[0]!r}{more}")
-        return [obj[n] for n in self.feature_names]
+        return [obj.get(n) for n in self.columns]
 
     def out_of_range_rows(self, x: np.ndarray) -> tuple[int, tuple[int, int] | None]:
         """How many rows have a value outside the ranges, and (row, feature index) of the first."""
