@@ -59,6 +59,10 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
          task: str = typer.Option("classification", help="classification | regression"),
          classes: str | None = typer.Option(None, help="class names in index order (default: the label "
                                                        "values, sorted; integer labels stay integers)"),
+         categorical: str | None = typer.Option(None, "--categorical", help="--data: columns a,b read as "
+                                                "categories (text columns are, by default; integers are not)"),
+         numeric: str | None = typer.Option(None, "--numeric", help="--data: columns read as numbers"),
+         drop: str | None = typer.Option(None, "--drop", help="--data: columns left out"),
          normalize: str = typer.Option("standard", help="--data: standard (per-feature mean/std, part of "
                                                         "the model) | none"),
          arch: str = typer.Option("mlp:256-256", help="mlp:W-W-…, lenet5, vgg-small or JSON spec"),
@@ -79,8 +83,10 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
 
     if normalize not in ("standard", "none"):
         _fail("--normalize must be standard or none", 2)
-    if data is None and (label_column or features or classes or task != "classification"):
-        _fail("--label-column, --features, --classes and --task go with --data FILE", 2)
+    if data is None and (label_column or features or classes or task != "classification" or categorical
+                         or numeric or drop):
+        _fail("--label-column, --features, --classes, --task, --categorical, --numeric and --drop go with "
+              "--data FILE", 2)
     if data is not None and not label_column:
         _fail("--data needs --label-column (the column holding the labels)", 2)
     settings, store = _store()
@@ -93,7 +99,11 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
     if existing is not None and not force:
         _fail(f"the store ({_safe_url(store.url)}) already has versions (latest {existing}, "
               f"active {store.active_version()}); pass --force to register another one")
-    table = _init_table(dataset, data, label_column, features, task, classes, normalize == "standard", seed)
+    from app.serving.training_table import ColumnTypes
+
+    types = ColumnTypes(tuple(_names(categorical)), tuple(_names(numeric)), tuple(_names(drop)))
+    table = _init_table(dataset, data, label_column, features, task, classes, normalize == "standard", seed,
+                        types)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, task=table.task)
     progress, bar = epoch_progress(epochs)
     started = time.perf_counter()
@@ -116,7 +126,7 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
 
 
 def _init_table(dataset: str, data: Path | None, label_column: str | None, features: str | None,
-                task: str, classes: str | None, normalize: bool, seed: int):  # -> TrainingTable
+                task: str, classes: str | None, normalize: bool, seed: int, types=None):  # -> TrainingTable
     from app.core.features import SchemaError
     from app.serving.training_table import table_from_dataset, table_from_file
 
@@ -128,7 +138,7 @@ def _init_table(dataset: str, data: Path | None, label_column: str | None, featu
         _fail(f"reading data files needs the 'files' extra: pip install 'skqk-serve[files]' ({exc})", 2)
     try:
         return table_from_file(data, _names(label_column), _names(features) if features else None, task,
-                               _names(classes) if classes else None, normalize)
+                               _names(classes) if classes else None, normalize, types)
     except (DataFileError, SchemaError) as exc:
         _fail(f"{data}: {exc}", 2)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from app.core.encoding import Encoding, raw_json_rows
 from app.datafiles.base import BadValue, Chunk, DataFileError, first_bad, list_columns
 from app.datafiles.columns import IntGuess, class_labels, float_matrix
 
@@ -19,6 +20,8 @@ class ColumnPlan:
     labels: list[str]
     label_kind: str  # "class" | "float"
     order: dict[str, int]  # position in the file: the leftmost bad value of a row is reported
+    typed: bool = False  # a table with column types (text, booleans, missing values)
+    encoding: Encoding | None = None  # typed: encode with this; None: hand the columns back as read
 
     @property
     def columns(self) -> list[str]:
@@ -95,6 +98,8 @@ def table_chunk(
     table: pa.Table, plan: ColumnPlan, guess: IntGuess | None, first_row: int, bytes_read: int | None
 ) -> Chunk:
     """Validate and convert one chunk; raise DataFileError at its first bad value (row, then column)."""
+    if plan.typed:
+        return _typed_chunk(table, plan, guess, first_row, bytes_read)
     x = labels = None
     bad_x = bad_y = None
     try:
@@ -121,3 +126,34 @@ def _labels(table: pa.Table, plan: ColumnPlan, guess: IntGuess | None) -> np.nda
         return class_labels(table.column(name), name, plan.order[name], guess)
     cols = [table.column(c) for c in plan.labels]
     return float_matrix(cols, plan.labels, [plan.order[c] for c in plan.labels], np.float64)
+
+
+def _typed_chunk(table: pa.Table, plan: ColumnPlan, guess: IntGuess | None, first_row: int,
+                 bytes_read: int | None) -> Chunk:
+    """A table with column types: parsed per type and encoded (or, without an encoding yet, the
+    feature columns as read, for type inference at init)."""
+    from app.datafiles.typed import parse_arrow
+
+    labels = parsed = None
+    bad_x = bad_y = None
+    enc = plan.encoding
+    if enc is not None:
+        try:
+            parsed = [parse_arrow(table.column(c), k, c, plan.order[c])
+                      for c, k in zip(plan.features, enc.kinds, strict=True)]
+        except BadValue as b:
+            bad_x = b
+    try:
+        labels = _labels(table, plan, guess)
+    except BadValue as b:
+        bad_y = b
+    bad = first_bad(bad_x, bad_y)
+    if bad is not None:
+        raise bad.at(first_row)
+    assert labels is not None
+    if enc is None:
+        return Chunk(first_row, np.empty((table.num_rows, 0), np.float32), labels, bytes_read,
+                     columns=[table.column(c) for c in plan.features])
+    assert parsed is not None
+    x, _unknown = enc.encode(parsed)  # unknown categories are stored as they came
+    return Chunk(first_row, x, labels, bytes_read, raw=raw_json_rows(enc.kinds, parsed))
