@@ -60,7 +60,7 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
          classes: str | None = typer.Option(None, help="class names in index order (default: the label "
                                                        "values, sorted; integer labels stay integers)"),
          categorical: str | None = typer.Option(None, "--categorical", help="--data: columns a,b read as "
-                                                "categories (text columns are, by default; integers are not)"),
+                                                "categories (text columns are by default; integers not)"),
          numeric: str | None = typer.Option(None, "--numeric", help="--data: columns read as numbers"),
          drop: str | None = typer.Option(None, "--drop", help="--data: columns left out"),
          normalize: str = typer.Option("standard", help="--data: standard (per-feature mean/std, part of "

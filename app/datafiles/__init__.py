@@ -12,5 +12,6 @@ from app.datafiles.readers import (
 )
 
 __all__ = [
-    "Chunk", "DataFileError", "detect_format", "file_columns", "iter_chunks", "read_columns", "read_table", "total_rows",
+    "Chunk", "DataFileError", "detect_format", "file_columns", "iter_chunks", "read_columns", "read_table",
+    "total_rows",
 ]

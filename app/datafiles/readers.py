@@ -113,7 +113,8 @@ def read_columns(
         for j, col in enumerate(chunk.columns):
             parts[j].extend(col.chunks)
         ys.append(chunk.labels)
-    cols = [pa.chunked_array(chunks) if chunks else pa.chunked_array([], type=pa.string()) for chunks in parts]
+    cols = [pa.chunked_array(chunks) if chunks else pa.chunked_array([], type=pa.string())
+            for chunks in parts]
     labels = np.concatenate(ys) if ys else np.empty(0, np.int64)
     return list(plan.features), cols, labels
 

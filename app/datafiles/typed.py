@@ -80,7 +80,8 @@ def parse_arrow(col: pa.ChunkedArray, kind: str, name: str, order: int) -> np.nd
         bad = ~np.isnan(v) & (v != 0) & (v != 1)
     if bad.any():
         i = int(np.argmax(bad))
-        raise BadValue(i, order, name, f"{describe(col[i].as_py())} is not a boolean (true/false, yes/no, 1/0)")
+        reason = f"{describe(col[i].as_py())} is not a boolean (true/false, yes/no, 1/0)"
+        raise BadValue(i, order, name, reason)
     return v
 
 

@@ -308,7 +308,7 @@ class Store:
                        "FROM json_each(?)")
                 params = (batch_id, d, x.tobytes(), 4 * d, 4 * d, y.tobytes(), k, k, rows)
             elif raw is not None:  # [[label, raw row], …]
-                pairs = "[" + ",".join(f"[{label},{r}]" for label, r in zip(y.tolist(), raw, strict=True)) + "]"
+                pairs = "[" + ",".join(f"[{lab},{r}]" for lab, r in zip(y.tolist(), raw, strict=True)) + "]"
                 sql = (f"INSERT INTO {samples.name} ({cols}) "
                        "SELECT ?, ?, substr(?, key * ? + 1, ?), json_extract(value, '$[0]'), NULL, "
                        "json_extract(value, '$[1]') FROM json_each(?)")
