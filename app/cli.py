@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app.experiments.cli import experiment_app
 from app.samples_cli import samples_app
+from app.scoring_cli import predict as score_predict
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -24,6 +25,7 @@ cli = typer.Typer(help="skqk-serve: serve ReLU nets as selector+estimator; cheap
                   no_args_is_help=True, add_completion=False)
 cli.add_typer(experiment_app, name="experiment")
 cli.add_typer(samples_app, name="samples")
+cli.command("predict")(score_predict)
 console = Console()
 
 

@@ -46,6 +46,8 @@ class Chunk:
     bytes_read: int | None  # CSV only: file bytes consumed so far, for progress / ETA
     raw: list[str] | None = None  # typed tables: each row's values as a JSON array (what is stored)
     columns: list[Any] | None = None  # typed tables read to infer types: the feature columns (pyarrow)
+    kept: Any = None  # scoring: a pyarrow Table of the columns asked to be kept, as read
+    unknown: dict[str, int] | None = None  # typed: per column, values outside its vocabulary
 
 
 class BadValue(Exception):

@@ -103,6 +103,8 @@ def _types(plan: ColumnPlan, text: bool) -> dict[str, pa.DataType]:
     types = {c: pa.binary() if plan.typed else number for c in plan.features}
     for c in plan.labels:
         types[c] = pa.binary() if plan.label_kind == "class" else number
+    for c in plan.keep:  # kept as text, exactly as in the file
+        types.setdefault(c, pa.string())
     return types
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from app.core.encoding import Encoding
-from app.datafiles.base import Chunk, DataFileError
+from app.datafiles.base import Chunk, DataFileError, list_columns
 from app.datafiles.csv_reader import csv_chunks, csv_header
 from app.datafiles.npz_reader import npz_chunks, npz_shape
 from app.datafiles.parquet_reader import parquet_chunks, parquet_columns, parquet_rows
@@ -92,6 +92,31 @@ def iter_chunks(
         plan = replace(plan, typed=True, encoding=encoding)
     reader = csv_chunks if fmt == "csv" else parquet_chunks
     return reader(p, plan, chunk_rows, start_row)
+
+
+def iter_scoring_chunks(
+    path: str | os.PathLike[str], features: list[str] | None, encoding: Encoding | None, keep: list[str],
+    chunk_rows: int = 50_000,
+) -> Iterator[Chunk]:
+    """Chunks of a file to score: the features (by name; NPZ: x by position), no labels, and the
+    ``keep`` columns as read (``Chunk.kept``). Typed (``encoding``): rows come encoded."""
+    _check_args(chunk_rows, 1, "class")
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt == "npz":
+        if keep:
+            raise DataFileError("--keep: an NPZ file has no named columns to keep")
+        return npz_chunks(p, chunk_rows, 1, "class")
+    columns = csv_header(p) if fmt == "csv" else parquet_columns(p)
+    names = list(features or [])
+    for c in [*names, *keep]:
+        if c not in columns:
+            raise DataFileError(f"no such column; the file's columns are: {list_columns(columns)}", column=c)
+    order = {c: columns.index(c) for c in [*names, *keep]}
+    plan = ColumnPlan(names, [], "class", order, typed=encoding is not None, encoding=encoding,
+                      keep=tuple(keep))
+    reader = csv_chunks if fmt == "csv" else parquet_chunks
+    return reader(p, plan, chunk_rows, 1)
 
 
 def read_columns(

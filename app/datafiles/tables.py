@@ -22,10 +22,12 @@ class ColumnPlan:
     order: dict[str, int]  # position in the file: the leftmost bad value of a row is reported
     typed: bool = False  # a table with column types (text, booleans, missing values)
     encoding: Encoding | None = None  # typed: encode with this; None: hand the columns back as read
+    keep: tuple[str, ...] = ()  # scoring: columns handed back as read (ids, keys), beside the rows
 
     @property
     def columns(self) -> list[str]:
-        return [*self.features, *self.labels]
+        cols = [*self.features, *self.labels]
+        return cols + [c for c in self.keep if c not in cols]
 
 
 def plan_columns(
@@ -117,10 +119,16 @@ def table_chunk(
     if bad is not None:
         raise bad.at(first_row)
     assert x is not None and labels is not None
-    return Chunk(first_row=first_row, x=x, labels=labels, bytes_read=bytes_read)
+    return Chunk(first_row=first_row, x=x, labels=labels, bytes_read=bytes_read, kept=_kept(table, plan))
+
+
+def _kept(table: pa.Table, plan: ColumnPlan) -> pa.Table | None:
+    return table.select(list(plan.keep)) if plan.keep else None
 
 
 def _labels(table: pa.Table, plan: ColumnPlan, guess: IntGuess | None) -> np.ndarray:
+    if not plan.labels:  # scoring a file: no labels to read
+        return np.zeros(table.num_rows, np.int64)
     if plan.label_kind == "class":
         name = plan.labels[0]
         return class_labels(table.column(name), name, plan.order[name], guess)
@@ -155,5 +163,6 @@ def _typed_chunk(table: pa.Table, plan: ColumnPlan, guess: IntGuess | None, firs
         return Chunk(first_row, np.empty((table.num_rows, 0), np.float32), labels, bytes_read,
                      columns=[table.column(c) for c in plan.features])
     assert parsed is not None
-    x, _unknown = enc.encode(parsed)  # unknown categories are stored as they came
-    return Chunk(first_row, x, labels, bytes_read, raw=raw_json_rows(enc.kinds, parsed))
+    x, unknown = enc.encode(parsed)  # unknown categories are stored as they came
+    return Chunk(first_row, x, labels, bytes_read, raw=raw_json_rows(enc.kinds, parsed),
+                 kept=_kept(table, plan), unknown={enc.names[j]: int(rows.sum()) for j, rows in unknown})

@@ -28,7 +28,8 @@ def mixed_table(n: int, seed: int, extra_color: str | None = None) -> pa.Table:
     size = rng.uniform(0, 10, n)
     flag = rng.random(n) < 0.5
     shape = list(rng.choice(["round", "square"], n))
-    label = [("yes" if ((s > 5) != (c == "red")) != f else "no") for s, c, f in zip(size, colors, flag)]
+    label = [("yes" if ((s > 5) != (c == "red")) != f else "no")
+             for s, c, f in zip(size, colors, flag, strict=True)]
     size_col = [None if rng.random() < 0.1 else float(round(s, 3)) for s in size]
     shape_col = [None if rng.random() < 0.1 else s for s in shape]
     return pa.table({"color": colors, "size": size_col, "flag": flag.tolist(), "shape": shape_col,
@@ -112,7 +113,8 @@ def test_mixed_table_init_predict_ingest_retrain(data_dir: Path, tmp_path: Path)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "600 rows stored" in run.stdout
         # /ingest with raw rows
-        samples = [{"features": {"color": "blue", "size": None, "flag": "no", "shape": "round"}, "label": "yes"},
+        samples = [{"features": {"color": "blue", "size": None, "flag": "no", "shape": "round"},
+                    "label": "yes"},
                    {"features": {"color": "purple", "flag": True}, "label": "no"}]
         r = c.post("/ingest", json={"samples": samples})
         assert r.status_code == 200, r.text
