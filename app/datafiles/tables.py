@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -123,7 +124,14 @@ def table_chunk(
 
 
 def _kept(table: pa.Table, plan: ColumnPlan) -> pa.Table | None:
-    return table.select(list(plan.keep)) if plan.keep else None
+    if not plan.keep:
+        return None
+    kept = table.select(list(plan.keep))
+    for i, f in enumerate(kept.schema):  # a kept feature read as bytes (typed CSV) goes out as text
+        if pa.types.is_binary(f.type):
+            with contextlib.suppress(pa.ArrowInvalid):  # not UTF-8: keep the bytes
+                kept = kept.set_column(i, f.name, kept.column(i).cast(pa.string()))
+    return kept
 
 
 def _labels(table: pa.Table, plan: ColumnPlan, guess: IntGuess | None) -> np.ndarray:

@@ -129,6 +129,44 @@ def test_mixed_table_init_predict_ingest_retrain(data_dir: Path, tmp_path: Path)
         assert len(versions) == 3
         assert all(v["schema"]["columns"] == schema["columns"] for v in versions)  # retrains keep it
 
+        # skqk predict on a file gives /predict's answers for the same rows (unknown category too)
+        probe = mixed_table(300, seed=3, extra_color="purple")
+        probe = probe.drop_columns(["label"]).append_column("id", pa.array([f"r{i}" for i in range(300)]))
+        write_csv(probe, tmp_path / "probe.csv")
+        rows = [{k: v for k, v in r.items() if k != "id"} for r in probe.to_pylist()]
+        served = c.post("/predict", json={"inputs": rows}).json()
+        v = str(served["model_version"])
+        for out_name in ("scores.parquet", "scores.csv"):
+            run = skqk(data_dir, "predict", str(tmp_path / "probe.csv"), "-o", str(tmp_path / out_name),
+                       "--version", v, "--keep", "id", "--outputs", "--chunk-rows", "64")
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert "300 rows scored" in run.stderr and "unknown categories: color=" in run.stderr
+        scored = pq.read_table(tmp_path / "scores.parquet")
+        assert scored.column_names == ["id", "prediction", "prediction_index", "output_no", "output_yes"]
+        assert scored.column("id").to_pylist() == [f"r{i}" for i in range(300)]
+        assert scored.column("prediction").to_pylist() == served["predictions"]
+        assert scored.column("prediction_index").to_pylist() == served["prediction_indices"]
+        got = np.column_stack([scored.column("output_no").to_numpy(), scored.column("output_yes").to_numpy()])
+        np.testing.assert_allclose(got, np.asarray(served["outputs"]), rtol=1e-5, atol=1e-5)
+        as_csv = pacsv.read_csv(tmp_path / "scores.csv")
+        assert as_csv.column("prediction").to_pylist() == served["predictions"]
+
+        # ONNX: the graph takes the encoded vector; the encoding is written beside it
+        run = skqk(data_dir, "export", v, "-o", str(tmp_path / "m.onnx"))
+        assert run.returncode == 0, run.stdout + run.stderr
+        doc = json.loads((tmp_path / "m.encoding.json").read_text())
+        assert doc["graph_input"]["encoded"] is True and doc["columns"] == schema["columns"]
+        import onnxruntime as ort
+
+        from app.core.encoding import Encoding, parse_values
+
+        enc = Encoding.from_list(doc["columns"])
+        parsed = [parse_values([r.get(col.name) for r in rows], col.kind, col.name) for col in enc.columns]
+        x, _ = enc.encode(parsed)
+        sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+        (logits,) = sess.run(None, {"input": x})
+        np.testing.assert_allclose(logits, np.asarray(served["outputs"]), rtol=1e-4, atol=1e-4)
+
     with sqlite3.connect(data_dir / "skqk.db") as db:
         raws = [json.loads(r) for (r,) in db.execute("SELECT raw FROM samples ORDER BY id")]
     assert len(raws) == 1802 and all(len(r) == 4 for r in raws)
