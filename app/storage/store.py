@@ -307,7 +307,16 @@ class Store:
                        f"SELECT ?, ?, substr(?, key * ? + 1, ?), NULL, substr(?, key * ? + 1, ?){extra} "
                        "FROM json_each(?)")
                 params = (batch_id, d, x.tobytes(), 4 * d, 4 * d, y.tobytes(), k, k, rows)
-            elif raw is not None:  # [[label, raw row], …]
+            elif raw is not None and _padded_fits(raw):
+                # raw rows padded to one width W: SQLite slices row k out of one text as
+                # substr(k·W + 1, W) (characters), like the features out of their blob
+                width = max(len(r) for r in raw)
+                text = "".join(r.ljust(width) for r in raw)
+                sql = (f"INSERT INTO {samples.name} ({cols}) "
+                       "SELECT ?, ?, substr(?, key * ? + 1, ?), value, NULL, "
+                       "rtrim(substr(?, key * ? + 1, ?)) FROM json_each(?)")
+                params = (batch_id, d, x.tobytes(), 4 * d, 4 * d, text, width, width, json.dumps(y.tolist()))
+            elif raw is not None:  # a few very long rows: [[label, raw row], …] instead of padding
                 pairs = "[" + ",".join(f"[{lab},{r}]" for lab, r in zip(y.tolist(), raw, strict=True)) + "]"
                 sql = (f"INSERT INTO {samples.name} ({cols}) "
                        "SELECT ?, ?, substr(?, key * ? + 1, ?), json_extract(value, '$[0]'), NULL, "
@@ -831,6 +840,12 @@ class Store:
         if row is None or row[0] is None or (row[1] is not None and row[1] < time.time()):
             return None
         return str(row[0])
+
+
+def _padded_fits(raw: list[str]) -> bool:
+    """Padding every raw row to the longest costs at most 4× their size (plus 1 MiB)."""
+    width = max(len(r) for r in raw)
+    return width * len(raw) <= 4 * sum(map(len, raw)) + (1 << 20)
 
 
 def open_store(url: str, create: bool = True) -> Store:

@@ -64,7 +64,7 @@ def test_inference_and_encoded_chunks(tmp_path: Path, fmt: str) -> None:
     assert [c.first_row for c in chunks] == [1, 5]
     np.testing.assert_array_equal(np.concatenate([c.x for c in chunks]), expected)
     raw = [r for c in chunks for r in c.raw]
-    assert raw[1] == '[2.0,"Oslo",null,false,null]' and raw[3] == '[4.0,"Paris",null,null,1.0]'
+    assert raw[1] == '[2,"Oslo",null,false,null]' and raw[3] == '[4,"Paris",null,null,1]'
     scored = list(iter_scoring_chunks(path, names, enc, ["id"], chunk_rows=5))
     np.testing.assert_array_equal(np.concatenate([c.x for c in scored]), expected)
     ids = [v for c in scored for v in c.kept.column("id").to_pylist()]

@@ -48,3 +48,18 @@ def test_0005_on_a_store_of_the_previous_code(tmp_path: Path) -> None:
         assert "raw" not in cols
         assert conn.execute(text("SELECT count(*) FROM samples")).scalar() == 304
     store.dispose()
+
+
+def test_raw_rows_come_back_exactly(tmp_path: Path) -> None:
+    """Both SQLite insert paths (rows padded to one width; a very long row: JSON pairs) and
+    regression rows keep each raw row byte for byte, beside its label or targets."""
+    store = open_store(f"sqlite:///{tmp_path / 'skqk.db'}")
+    x = np.ones((3, 2), np.float32)
+    short = ['["a"]', '["bb",1]', '["ü ",null]']
+    long = ['["' + "x" * 3_000_000 + '"]', "[1]", "[2]"]
+    store.ingest(x, np.array([1, 2, 3]), raw=short)
+    store.ingest(x, np.array([4, 5, 6]), raw=long)
+    store.ingest(x, targets=np.array([[0.5], [1.5], [2.5]]), raw=short)
+    assert [r for _, r in store.raw_rows()] == short + long + short
+    assert store.load_samples(2).y.tolist() == [1, 2, 3, 4, 5, 6]
+    store.dispose()

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import pytest
 
 from tests.helpers.server import API_KEY, ServerProcess, fast_env, wait_job
 from tests.owndata.conftest import INIT_FAST, skqk
@@ -50,6 +51,7 @@ def counter(metrics: str, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
+@pytest.mark.timeout(900)  # two retrains, three CLI runs and two servers on a shared 2-core machine
 def test_mixed_table_init_predict_ingest_retrain(data_dir: Path, tmp_path: Path) -> None:
     path = write_csv(mixed_table(1200, seed=0), tmp_path / "table.csv")
     run = skqk(data_dir, "init", "--data", str(path), "--label-column", "label", *INIT_FAST)
