@@ -64,7 +64,8 @@ def make_files(folder: Path, rows: int, seed: int = 0, group: int = 100_000) -> 
         numeric["label"] = pa.array(label)
         mt, nt = pa.table(mixed), pa.table(numeric)
         if mixed_w is None:
-            mixed_w, numeric_w = pq.ParquetWriter(mixed_path, mt.schema), pq.ParquetWriter(numeric_path, nt.schema)
+            mixed_w = pq.ParquetWriter(mixed_path, mt.schema)
+            numeric_w = pq.ParquetWriter(numeric_path, nt.schema)
         mixed_w.write_table(mt)
         numeric_w.write_table(nt)
     mixed_w.close()
@@ -154,14 +155,15 @@ def main() -> None:
     med = statistics.median
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     runs = lambda vs: " / ".join(f"{v:,.0f}" for v in vs)  # noqa: E731
+    n = f"{args.rows:,}"
     table = markdown_table(
         ["what", "rows", "rows/s (median)", f"runs ({args.runs})"],
-        [[f"ingest, mixed-type Parquet (10 columns → {width} inputs)", f"{args.rows:,}", f"{med(ing_mixed):,.0f}",
+        [[f"ingest, mixed-type Parquet (10 columns → {width} inputs)", n, f"{med(ing_mixed):,.0f}",
           runs(ing_mixed)],
-         ["ingest, the same rows all numeric (10 inputs, plain path)", f"{args.rows:,}", f"{med(ing_plain):,.0f}",
+         ["ingest, the same rows all numeric (10 inputs, plain path)", n, f"{med(ing_plain):,.0f}",
           runs(ing_plain)],
-         ["skqk predict (read, encode, forward, write Parquet)", f"{args.rows:,}", f"{med(pred):,.0f}", runs(pred)],
-         ["in-process forward alone (same encoded chunks)", f"{args.rows:,}", f"{med(fwd):,.0f}", runs(fwd)]])
+         ["skqk predict (read, encode, forward, write Parquet)", n, f"{med(pred):,.0f}", runs(pred)],
+         ["in-process forward alone (same encoded chunks)", n, f"{med(fwd):,.0f}", runs(fwd)]])
     text = f"""## Mixed-type tables: ingest and batch scoring (`bench/tables.py`)
 
 {machine_info()}
