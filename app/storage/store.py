@@ -307,15 +307,15 @@ class Store:
                        f"SELECT ?, ?, substr(?, key * ? + 1, ?), NULL, substr(?, key * ? + 1, ?){extra} "
                        "FROM json_each(?)")
                 params = (batch_id, d, x.tobytes(), 4 * d, 4 * d, y.tobytes(), k, k, rows)
-            elif raw is not None and _padded_fits(raw):
-                # raw rows padded to one width W: SQLite slices row k out of one text as
-                # substr(k·W + 1, W) (characters), like the features out of their blob
-                width = max(len(r) for r in raw)
-                text = "".join(r.ljust(width) for r in raw)
+            elif raw is not None and _padded_fits(encoded := [r.encode() for r in raw]):
+                # raw rows as UTF-8 padded to one width W: SQLite slices row k out of one BLOB
+                # (byte offsets: O(1), unlike substr on TEXT, which walks the characters)
+                width = max(map(len, encoded))
+                blob = b"".join(r.ljust(width) for r in encoded)
                 sql = (f"INSERT INTO {samples.name} ({cols}) "
                        "SELECT ?, ?, substr(?, key * ? + 1, ?), value, NULL, "
-                       "rtrim(substr(?, key * ? + 1, ?)) FROM json_each(?)")
-                params = (batch_id, d, x.tobytes(), 4 * d, 4 * d, text, width, width, json.dumps(y.tolist()))
+                       "rtrim(CAST(substr(?, key * ? + 1, ?) AS TEXT)) FROM json_each(?)")
+                params = (batch_id, d, x.tobytes(), 4 * d, 4 * d, blob, width, width, json.dumps(y.tolist()))
             elif raw is not None:  # a few very long rows: [[label, raw row], …] instead of padding
                 pairs = "[" + ",".join(f"[{lab},{r}]" for lab, r in zip(y.tolist(), raw, strict=True)) + "]"
                 sql = (f"INSERT INTO {samples.name} ({cols}) "
@@ -842,7 +842,7 @@ class Store:
         return str(row[0])
 
 
-def _padded_fits(raw: list[str]) -> bool:
+def _padded_fits(raw: list[bytes]) -> bool:
     """Padding every raw row to the longest costs at most 4× their size (plus 1 MiB)."""
     width = max(len(r) for r in raw)
     return width * len(raw) <= 4 * sum(map(len, raw)) + (1 << 20)
