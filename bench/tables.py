@@ -7,10 +7,10 @@ Usage: ``python bench/tables.py [--rows 1000000] [--runs 3]``
 The file: 3 text columns (3, 12 and 40 categories), 5 numeric columns (5 % nulls), 2 booleans
 (2 % nulls) and a text label, row groups of 100,000. The version: an untrained ``mlp:256-256``
 over the encoding fitted on the first 20,000 rows (training does not change the costs measured
-here). Ingest runs ``app.serving.file_ingest.ingest_file`` (what ``skqk ingest`` runs, without
+here). Ingest runs ``app.intake.file_ingest.ingest_file`` (what ``skqk ingest`` runs, without
 the interpreter start-up) into a fresh SQLite store per run; the numeric file holds the same
 values as floats (text columns as category codes, nulls as 0), the plain numeric path of before.
-Scoring runs ``app.serving.batch_scoring.score_file`` (what ``skqk predict`` runs) to a Parquet
+Scoring runs ``app.intake.batch_scoring.score_file`` (what ``skqk predict`` runs) to a Parquet
 output, and the forward alone is ``LoadedModel.infer`` over the same encoded rows in the same
 chunks. Results go to the ``tables`` section of docs/BENCHMARKS.md.
 """
@@ -78,7 +78,7 @@ def schemas(mixed: Path, numeric: Path):  # -> (typed schema, numeric schema)
 
     from app.core.encoding import Encoding
     from app.core.features import FeatureSchema
-    from app.datafiles.typed import infer_kind, parse_arrow
+    from app.intake.files.typed import infer_kind, parse_arrow
 
     head = pq.ParquetFile(mixed).read_row_group(0).slice(0, 20_000)
     names = [c for c in head.column_names if c != "label"]
@@ -93,7 +93,7 @@ def schemas(mixed: Path, numeric: Path):  # -> (typed schema, numeric schema)
 
 
 def time_ingest(schema, path: Path) -> float:
-    from app.serving.file_ingest import ingest_file
+    from app.intake.file_ingest import ingest_file
     from app.storage import open_store
 
     with tempfile.TemporaryDirectory() as d:
@@ -109,8 +109,8 @@ def time_scoring(schema, path: Path, folder: Path) -> tuple[float, float]:
     """(skqk predict rows/s, forward-alone rows/s) of one run."""
     from app.core.network import DecoupledModel, ReLUNet
     from app.core.spec import resolve_arch
-    from app.datafiles.readers import iter_scoring_chunks
-    from app.serving.batch_scoring import score_file
+    from app.intake.batch_scoring import score_file
+    from app.intake.files.readers import iter_scoring_chunks
     from app.serving.holder import ModelHolder
     from app.serving.models import register_model
     from app.storage import open_store

@@ -16,10 +16,10 @@ from app.api.errors import ApiError, error_response
 from app.api.rows import Where
 from app.api.table_rows import TableRows
 from app.core.features import FeatureSchema
+from app.retrain.protocol import RetrainRunner
 from app.serving.batcher import Batcher, InferenceResult, NotReady, QueueFull, ShapeMismatch
 from app.serving.holder import LoadedModel, ModelHolder
 from app.serving.metrics import ServingMetrics
-from app.serving.runner import RetrainRunner
 from app.settings import Settings
 from app.storage import Store
 from app.storage.guard import StoreTimeout

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.core.encoding import Encoding, parse_values
-from app.datafiles import DataFileError, csv_reader, iter_chunks, read_columns
-from app.datafiles.readers import iter_scoring_chunks
-from app.datafiles.typed import has_missing, infer_kind
+from app.intake.files import DataFileError, csv_reader, iter_chunks, read_columns
+from app.intake.files.readers import iter_scoring_chunks
+from app.intake.files.typed import has_missing, infer_kind
 
 CSV = """id,city,size,member,score,label
 1,Paris,1.5,True,3,a
