@@ -161,8 +161,7 @@ def _target_values(label: Any, schema: FeatureSchema, where: str) -> list[Any]:
             raise ApiError(422, f"{where}: expected {n} target value{'s' if n > 1 else ''} {names}, "
                                 f"got {len(label)}")
         return label
-    raise ApiError(422, f"{where}: expected a number{' or a list of numbers' if n > 1 else ''} or an object "
-                        "keyed by target name "
+    raise ApiError(422, f"{where}: expected a number{' or a list of numbers' if n > 1 else ''} "
                         f"(regression target{'s' if n > 1 else ''} {names}), got {json_kind(label)}")
 
 
