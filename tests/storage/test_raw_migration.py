@@ -4,14 +4,18 @@ the downgrade drops only the column."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 from sqlalchemy import create_engine, text
 
 from app.storage import open_store
 from app.storage.migrate import current_revision, downgrade_to
+from tests.helpers.pg import temporary_database
 
 FIXTURE = Path(__file__).parent / "legacy" / "store_0004.db"
 
@@ -50,10 +54,21 @@ def test_0005_on_a_store_of_the_previous_code(tmp_path: Path) -> None:
     store.dispose()
 
 
-def test_raw_rows_come_back_exactly(tmp_path: Path) -> None:
-    """Both SQLite insert paths (rows padded to one width; a very long row: JSON pairs) and
-    regression rows keep each raw row byte for byte, beside its label or targets."""
-    store = open_store(f"sqlite:///{tmp_path / 'skqk.db'}")
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'skqk.db'}"
+        return
+    if os.environ.get("SKQK_TEST_POSTGRES") == "skip":
+        pytest.skip("SKQK_TEST_POSTGRES=skip")
+    with temporary_database(prefix="skqk_raw") as url:
+        yield url
+
+
+def test_raw_rows_come_back_exactly(store_url: str) -> None:
+    """Every insert path (SQLite: rows padded to one width, or JSON pairs for a very long row;
+    PostgreSQL: COPY) keeps each raw row byte for byte, beside its label or targets."""
+    store = open_store(store_url)
     x = np.ones((3, 2), np.float32)
     short = ['["a"]', '["bb",1]', '["ü ",null]']
     long = ['["' + "x" * 3_000_000 + '"]', "[1]", "[2]"]
