@@ -191,7 +191,10 @@ class SampleRepository:
                 res = conn.execute(insert(ingest_batches).values(
                     idempotency_key=idempotency_key, payload_sha256=digest, count=n, created_at=now))
                 batch_id = int(res.inserted_primary_key[0])
-                self._insert_samples(conn, batch_id, x, y, raw)
+                if raw is None:  # the numeric call as it always was
+                    self._insert_samples(conn, batch_id, x, y)
+                else:
+                    self._insert_samples(conn, batch_id, x, y, raw)
         except IntegrityError:
             if idempotency_key is None:
                 raise
