@@ -175,9 +175,8 @@ def _fit_column(name: str, kind: str, values: np.ndarray, cap: int, min_count: i
 def _one_hot(code: ColumnCode, lookup: dict[str, int], values: np.ndarray, out: np.ndarray,
              at: int) -> np.ndarray | None:
     k = len(code.categories)
-    vals = values.tolist()
-    idx = np.fromiter((lookup.get(v, -1) if v is not None else -2 for v in vals), np.int64, count=len(vals))
-    rows = np.arange(len(vals))
+    idx = _category_codes(code, lookup, values)
+    rows = np.arange(len(idx))
     known = idx >= 0
     out[rows[known], at + idx[known]] = 1.0
     missing = idx == -2
@@ -190,6 +189,25 @@ def _one_hot(code: ColumnCode, lookup: dict[str, int], values: np.ndarray, out: 
         out[rows[outside], at + k] = 1.0
         return None
     return outside
+
+
+def _category_codes(code: ColumnCode, lookup: dict[str, int], values: np.ndarray) -> np.ndarray:
+    """Per value: its vocabulary index, -1 outside the vocabulary, -2 missing. In C through
+    pyarrow's index_in for large columns (file imports), a dict lookup per value otherwise."""
+    if len(values) >= 1024:
+        try:
+            import pyarrow as pa
+            import pyarrow.compute as pc
+        except ImportError:  # pragma: no cover
+            pass
+        else:
+            arr = pa.array(values, type=pa.string(), from_pandas=True)
+            found = pc.index_in(arr, value_set=pa.array(code.categories, pa.string()))
+            idx = np.asarray(pc.fill_null(found, -1).cast(pa.int64()))
+            missing = np.asarray(pc.is_null(arr))
+            return np.where(missing, -2, idx)
+    vals = values.tolist()
+    return np.fromiter((lookup.get(v, -1) if v is not None else -2 for v in vals), np.int64, count=len(vals))
 
 
 # ---- parsing raw values ----------------------------------------------------------------------

@@ -104,3 +104,20 @@ def test_raw_rows_round_trip() -> None:
     assert raw == ['["b",3.5,true,"x"]', '[null,null,null,"zz"]']
     back = parse_raw_rows(enc.kinds, raw)
     np.testing.assert_array_equal(enc.encode(back)[0], enc.encode(parsed)[0])
+
+
+def test_large_columns_encode_like_small_ones() -> None:
+    """Columns of 1,024+ values take the vectorised category lookup: same vectors, same unknowns."""
+    enc = fitted()
+    gen = np.random.default_rng(0)
+    rows = 3000
+    cols = [gen.choice(np.array(["a", "b", "c", "q", None], dtype=object), rows),
+            np.where(gen.random(rows) < 0.1, np.nan, gen.normal(size=rows)),
+            np.where(gen.random(rows) < 0.1, np.nan, gen.random(rows) < 0.5).astype(np.float64),
+            gen.choice(np.array(["x", "y", "new", None], dtype=object), rows)]
+    big, big_unknown = enc.encode(cols)
+    parts = [enc.encode([c[i:i + 500] for c in cols]) for i in range(0, rows, 500)]
+    np.testing.assert_array_equal(big, np.concatenate([p[0] for p in parts]))
+    (j, mask), = big_unknown
+    assert j == 3
+    np.testing.assert_array_equal(mask, np.concatenate([p[1][0][1] for p in parts]))
