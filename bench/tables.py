@@ -32,14 +32,13 @@ from bench.report import machine_info, markdown_table, write_section
 
 CHUNK = 50_000
 TARGET_NOTE = """Target of issue 19: `skqk ingest` of a 1 M-row mixed-type Parquet ≥ 100,000 rows/s on SQLite.
-**Not met, and not measured at 1 M rows here**: the machine ran at load 12–15 on 2 cores during
-these runs (other jobs), where even the all-numeric path reaches only a quarter of the 113,000
-rows/s the `ingest` section measured on a quiet machine. What the side-by-side ratio says: a typed
-row costs about 4–5× a plain numeric one. Where it goes (cProfile, 200,000 rows): SQLite
-execute + commit about a third (each row stores 69 float32 encoded inputs, 276 bytes, instead of
-40, plus its raw JSON, about 70 bytes), building the raw JSON rows (pyarrow) and the one-hot
-encoding about a fifth, Parquet decoding and parsing per type the rest. Cutting the stored
-width (one-hot inputs as codes) would change what every retrain reads; not done here.
+**Not met**: the typed path runs at about a quarter of the numeric one (ratio above), below
+100,000 rows/s here even in-process; not run at 1 M rows (2-core machine shared with other
+jobs, load shown above). Where a typed row's time goes (cProfile, 200,000 rows): SQLite execute
++ commit about a third (each row stores 69 float32 encoded inputs, 276 bytes, instead of 40,
+plus its raw JSON, about 70 bytes), building the raw JSON rows (pyarrow) about a fifth, Parquet
+decoding and parsing per type most of the rest. Cutting the stored width (one-hot inputs as
+category codes) would change what every retrain reads; not done here.
 """
 
 
