@@ -128,11 +128,20 @@ class DriftReport:
 
 @torch.no_grad()
 def gate_patterns(selector: PathSelector, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """bool[N, G]: every ReLU gate of every sample, all layers concatenated."""
+    """bool[N, G]: every ReLU gate of every sample, all layers concatenated.
+
+    A 3-piece unit (ReLU6, Hardtanh) gives its two thermometer bits 1[piece ≥ 1], 1[piece ≥ 2]
+    (as in the packed structure), so Hamming distances count piece changes: one per breakpoint
+    crossed. Nets with only 2-piece activations give exactly their gates.
+    """
     parts = []
     for i in range(0, x.shape[0], chunk):
         s = selector.structure(x[i:i + chunk])
-        parts.append(torch.cat([g.reshape(g.shape[0], -1) for g in s.gates], dim=1))
+        cols = []
+        for g in s.gates:
+            g = g.reshape(g.shape[0], -1)
+            cols += [g] if g.dtype == torch.bool else [g >= 1, g >= 2]
+        parts.append(torch.cat(cols, dim=1))
     return torch.cat(parts)
 
 
