@@ -61,7 +61,13 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
                                                        "values, sorted; integer labels stay integers)"),
          normalize: str = typer.Option("standard", help="--data: standard (per-feature mean/std, part of "
                                                         "the model) | none"),
-         arch: str = typer.Option("mlp:256-256", help="mlp:W-W-…, lenet5, vgg-small or JSON spec"),
+         arch: str = typer.Option("mlp:256-256", help="mlp:W-W-…, cnn1d:W-W-…, lenet5, vgg-small or "
+                                                               "JSON spec"),
+         activation: str | None = typer.Option(
+             None, "--activation",
+             help="relu (default) | leaky_relu:ALPHA | prelu | relu6 | hardtanh:MIN,MAX"),
+         input_shape: str | None = typer.Option(None, "--input-shape",
+                                                help="cnn1d: C,L (channels, length) of each row"),
          epochs: int = typer.Option(30, min=1), batch_size: int = typer.Option(128, min=1),
          lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
          device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -94,6 +100,7 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
         _fail(f"the store ({_safe_url(store.url)}) already has versions (latest {existing}, "
               f"active {store.active_version()}); pass --force to register another one")
     table = _init_table(dataset, data, label_column, features, task, classes, normalize == "standard", seed)
+    arch = _with_activation(arch, activation, input_shape)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, task=table.task)
     progress, bar = epoch_progress(epochs)
     started = time.perf_counter()
@@ -131,6 +138,25 @@ def _init_table(dataset: str, data: Path | None, label_column: str | None, featu
                                _names(classes) if classes else None, normalize)
     except (DataFileError, SchemaError) as exc:
         _fail(f"{data}: {exc}", 2)
+
+
+def _with_activation(arch: str, activation: str | None, input_shape: str | None) -> str:
+    """``--activation`` / ``--input-shape`` folded into the architecture name (see resolve_arch)."""
+    from app.core.spec import activation_layer
+
+    if activation:
+        try:
+            activation_layer(activation)
+        except ValueError as exc:
+            _fail(str(exc), 2)
+        if arch.strip().startswith("{"):
+            _fail("--activation applies to named architectures; write it into the JSON spec", 2)
+        arch = f"{arch}+{activation}"
+    if input_shape:
+        if not arch.startswith("cnn1d:"):
+            _fail("--input-shape goes with --arch cnn1d:…", 2)
+        arch = f"{arch.split('+')[0]}@{input_shape}" + (f"+{activation}" if activation else "")
+    return arch
 
 
 def _names(text: str | None) -> list[str]:

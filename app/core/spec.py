@@ -396,7 +396,8 @@ def resolve_arch(arch: str, input_dim: int, num_classes: int, activation: str | 
 
     Accepted: ``mlp:784-256-256-10`` (full widths), ``mlp:256-256`` (hidden widths only),
     ``lenet5``, ``vgg-small`` (square single-channel images), ``cnn1d:16-32`` (conv widths of a
-    1-D CNN on ``input_shape`` (C, L), default (1, D)), or a JSON spec. ``activation`` (see
+    1-D CNN on ``input_shape`` (C, L), default (1, D); ``cnn1d:16-32@C,L`` names it), or a JSON
+    spec. ``activation`` (see
     :func:`activation_layer`) replaces every ReLU of a named architecture; a suffix
     ``+leaky_relu:0.1`` on the name does the same.
     """
@@ -404,6 +405,12 @@ def resolve_arch(arch: str, input_dim: int, num_classes: int, activation: str | 
     if not arch.startswith("{") and "+" in arch:
         arch, _, suffix = arch.partition("+")
         activation = activation or suffix
+    if not arch.startswith("{") and "@" in arch:  # cnn1d:16-32@C,L (the CLI's --input-shape)
+        arch, _, shape_text = arch.partition("@")
+        try:
+            input_shape = tuple(int(v) for v in shape_text.split(","))
+        except ValueError:
+            raise ValueError(f"bad input shape {shape_text!r}; write C,L") from None
     if arch.startswith("{"):
         spec = ArchSpec.from_json(arch)
         if activation and activation_layer(activation)["type"] != "relu":
