@@ -51,7 +51,8 @@ def make_block(layer: dict[str, Any], channels: int) -> nn.Module:
 
 def _prelu_slope(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
     w = block.weight.to(h.dtype)  # type: ignore[union-attr]
-    return w.reshape(-1, *([1] * (h.dim() - 2))) if w.numel() > 1 else w.reshape(())
+    per_channel = int(getattr(block, "num_parameters", 1)) > 1  # a Python int, also under tracing
+    return w.reshape(-1, *([1] * (h.dim() - 2))) if per_channel else w.reshape(())
 
 
 def plain(layer: dict[str, Any], block: nn.Module, h: torch.Tensor) -> torch.Tensor:

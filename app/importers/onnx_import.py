@@ -556,16 +556,23 @@ def _prescan(model: onnx.ModelProto, strip_softmax: bool) -> onnx.NodeProto | No
     return head if strip_softmax else None
 
 
-def _ancestors(model: onnx.ModelProto, target: str) -> list[onnx.NodeProto]:
-    """The nodes ``target`` depends on, in graph order."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    needed, stack = set(), [target]
+def _ancestor_indices(model: onnx.ModelProto, target: str) -> list[int]:
+    """Positions of the nodes ``target`` depends on, in graph order."""
+    nodes = list(model.graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    needed: set[int] = set()
+    stack = [target]
     while stack:
-        node = producer.get(stack.pop())
-        if node is not None and id(node) not in needed:
-            needed.add(id(node))
-            stack.extend(i for i in node.input if i)
-    return [n for n in model.graph.node if id(n) in needed]
+        i = producer.get(stack.pop())
+        if i is not None and i not in needed:
+            needed.add(i)
+            stack.extend(x for x in nodes[i].input if x)
+    return sorted(needed)
+
+
+def _ancestors(model: onnx.ModelProto, target: str) -> list[onnx.NodeProto]:
+    nodes = list(model.graph.node)
+    return [nodes[i] for i in _ancestor_indices(model, target)]
 
 
 def class_labels(model: onnx.ModelProto) -> list[str] | None:
@@ -590,8 +597,9 @@ def logits_model(model: onnx.ModelProto, head: onnx.NodeProto) -> onnx.ModelProt
     out.CopyFrom(model)
     del out.graph.output[:]
     out.graph.output.append(helper.make_tensor_value_info(head.input[0], onnx.TensorProto.FLOAT, None))
-    keep = {id(n) for n in _ancestors(model, head.input[0])}
-    nodes = [n for n, orig in zip(out.graph.node, model.graph.node, strict=True) if id(orig) in keep]
+    keep = set(_ancestor_indices(model, head.input[0]))
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for i, n in enumerate(model.graph.node)
+             if i in keep]
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     return out
