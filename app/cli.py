@@ -231,7 +231,10 @@ def import_(model: Path = typer.Argument(..., exists=True, dir_okay=False,
             input_shape: str | None = typer.Option(None, "--input-shape", help="C,H,W (or D) when the file "
                                                                                 "leaves it open"),
             activate: bool = typer.Option(False, help="make it the active version (automatic on an empty "
-                                                      "store)")) -> None:
+                                                      "store)"),
+            strip_softmax: bool = typer.Option(
+                False, "--strip-softmax", help="drop a final Softmax/LogSoftmax (and label outputs after "
+                                               "it): serve the logits; predictions are unchanged")) -> None:
     """Register a network trained elsewhere; selector and estimator both start as its weights.
 
     Checked against the source model (onnxruntime / the exported program) before anything is
@@ -246,7 +249,8 @@ def import_(model: Path = typer.Argument(..., exists=True, dir_okay=False,
     try:
         result = import_model(store, settings, model, data, _names(label_column) or None,
                               _names(features) if features else None, task,
-                              _names(classes) if classes else None, shape, activate)
+                              _names(classes) if classes else None, shape, activate,
+                              strip_softmax=strip_softmax)
     except (UnsupportedModel, ImportMismatch, SchemaError) as exc:
         _fail(f"{model}: {exc}", 2)
     except ImportError as exc:  # onnx / onnxruntime / pyarrow not installed
