@@ -26,13 +26,13 @@ def close(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _export(net: torch.nn.Module, x: np.ndarray, path: Path, fmt: str) -> None:
     sample = torch.from_numpy(x[:2])
+    batch = ({0: torch.export.Dim("b")},)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "pt2":
-            torch.export.save(torch.export.export(net, (sample,), dynamic_shapes=({0: torch.export.Dim("b")},)),
-                              path)
+            torch.export.save(torch.export.export(net, (sample,), dynamic_shapes=batch), path)
         elif fmt == "onnx-dynamo":
-            torch.onnx.export(net, (sample,), path, dynamo=True, dynamic_shapes=({0: torch.export.Dim("b")},))
+            torch.onnx.export(net, (sample,), path, dynamo=True, dynamic_shapes=batch)
         else:
             torch.onnx.export(net, (sample,), path, dynamo=False, input_names=["input"],
                               dynamic_axes={"input": {0: "batch"}})
