@@ -85,7 +85,7 @@ def child(mode: str) -> None:
 
     import torch
 
-    from app.serving.retrain_job import run_retrain_job
+    from app.retrain.job import run_retrain_job
     from app.settings import Settings
     from app.storage import Store
 
@@ -139,7 +139,7 @@ def ingest_latency(data_dir: Path, database_url: str | None, requests: int = 200
 
 def bench_backend(backend: str, sizes: list[int], work: Path, memory_mb: int, epochs: int,
                   database_url: str | None) -> tuple[list[list[object]], dict[str, float]]:
-    from app.serving.bootstrap import bootstrap_version
+    from app.intake.bootstrap import bootstrap_version
     from app.settings import Settings
     from app.storage import open_store
 

@@ -6,7 +6,7 @@
   CUDA (it only forks), each retrain gets a fresh child with a clean CUDA context.
 - broker visibility_timeout above the hard time limit, or Redis would redeliver a task
   that is still running.
-- a heartbeat per worker in Redis (``app.serving.worker_presence``), started when the worker
+- a heartbeat per worker in Redis (``app.retrain.worker_presence``), started when the worker
   is ready and removed when it shuts down: ``POST /retrain`` answers 503 when no worker
   consumes the queue instead of queueing a job nobody will run.
 """
@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery, signals
 
 from app.distributed import GPU_QUEUE, RETRAIN_TASK, redis_client
-from app.serving.worker_presence import Heartbeat
+from app.retrain.worker_presence import Heartbeat
 from app.settings import get_settings
 
 

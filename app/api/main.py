@@ -31,15 +31,15 @@ from app.api.openapi import install_openapi
 from app.api.samples_admin import router as samples_admin_router
 from app.api.state import AppState, install_store_error_handler
 from app.distributed import ActivationSubscriber
+from app.retrain.plan import METRIC_CAP, plan_retrain
+from app.retrain.runners import build_runner
 from app.serving.batcher import Batcher
 from app.serving.holder import ModelHolder
 from app.serving.metrics import ServingMetrics
-from app.serving.retrain_plan import METRIC_CAP, plan_retrain
-from app.serving.retrain_stats import retrain_stats
-from app.serving.runner import build_runner
 from app.settings import Settings, get_settings, resolve_api_key
 from app.storage import JobRecord, Store
 from app.storage.guard import call_timeout, set_call_timeout
+from app.storage.job_stats import retrain_stats
 
 log = logging.getLogger("skqk.api")
 
@@ -153,7 +153,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             if (job.result or {}).get("promoted"):
                 holder.refresh(force=True)
 
-        runner = build_runner(settings, st_store, on_finished=on_finished, metrics=metrics)
+        runner = build_runner(settings, st_store, on_finished=on_finished)
         app.state.skqk = AppState(settings, st_store, metrics, holder, batcher, runner, api_key)
         if fast is not None:
             fast.state = app.state.skqk

@@ -40,7 +40,7 @@ def _export(net: torch.nn.Module, x: np.ndarray, path: Path, fmt: str) -> None:
 
 def _serve_retrain_export(tmp_path: Path, data_dir: Path, probe: np.ndarray, source: np.ndarray,
                           rest_x: np.ndarray, rest_y: list, classes: list | None = None) -> None:
-    from app.importers.onnx_import import run_onnx
+    from app.intake.networks.onnx_import import run_onnx
 
     with ServerProcess(data_dir, fast_env(data_dir)) as server, server.client() as c:
         body = c.post("/predict", json={"inputs": probe.tolist()}).json()
@@ -68,8 +68,8 @@ def _serve_retrain_export(tmp_path: Path, data_dir: Path, probe: np.ndarray, sou
 @pytest.mark.parametrize("name, fmt", [("leaky_prelu_mlp", "onnx-dynamo"), ("relu6_cnn", "pt2"),
                                        ("conv1d", "onnx-legacy")])
 def test_family_imported_served_retrained_exported(tmp_path: Path, name: str, fmt: str) -> None:
-    from app.importers.onnx_import import run_onnx
-    from app.importers.torch_export_import import run_pt2
+    from app.intake.networks.onnx_import import run_onnx
+    from app.intake.networks.torch_export_import import run_pt2
 
     net, shape = pl_trained(name)
     x = (np.random.default_rng(5).standard_normal((400, *shape)) * 2).astype(np.float32)
@@ -93,7 +93,7 @@ def test_sklearn_mlp_classifier_strip_softmax(tmp_path: Path) -> None:
     from skl2onnx import to_onnx
     from sklearn.neural_network import MLPClassifier
 
-    from app.importers.onnx_import import logits_model, run_onnx
+    from app.intake.networks.onnx_import import logits_model, run_onnx
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((500, 6)).astype(np.float32)

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from app.core.network import DecoupledModel
-from app.importers import UnsupportedModel
-from app.importers.onnx_export import export_onnx
-from app.importers.onnx_import import import_onnx, logits_model, run_onnx
-from app.importers.torch_export_import import import_pt2, run_pt2
+from app.intake.networks import UnsupportedModel
+from app.intake.networks.onnx_export import export_onnx
+from app.intake.networks.onnx_import import import_onnx, logits_model, run_onnx
+from app.intake.networks.torch_export_import import import_pt2, run_pt2
 from tests.importers.pl_nets import PL_NETS, pl_trained
 from tests.importers.test_onnx import close, export_torch
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from app.serving.retrain_job import choose_mode, run_retrain_job
-from app.serving.retrain_plan import plan_retrain
+from app.retrain.job import choose_mode, run_retrain_job
+from app.retrain.plan import plan_retrain
 from app.settings import Settings
 from app.storage import SampleSelection, Store
 
