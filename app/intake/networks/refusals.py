@@ -7,7 +7,7 @@ Sigmoid·x, Mish → Softplus/Tanh/Mul); the message names the layer where it ca
 from __future__ import annotations
 
 SOFTMAX_FLAG_HINT = (" — pass --strip-softmax to import the logits instead (predictions are unchanged, "
-                     "softmax is monotone; /predict then returns logits as outputs)")
+                     "softmax is monotone; /predict then returns logits as outputs), or export the logits")
 
 WHAT_TO_DO = ("use a piecewise-linear activation (ReLU, LeakyReLU, PReLU, ReLU6, Hardtanh/clip) and "
               "retrain, or export the part of the network before it")
@@ -47,4 +47,5 @@ def why_not_piecewise(op: str, others: list[str] | None = None) -> str:
     if op in ("Sigmoid", "sigmoid") and others and ("Mul" in others or "mul" in others):
         layer = "SiLU/Swish (x·sigmoid(x)) or Sigmoid"
     where = f" (this is how {layer} is exported)" if layer else ""
-    return f"{why}{where}; the decoupling needs piecewise-linear activations: {WHAT_TO_DO}"
+    return (f"{why}, so not piecewise linear{where}; the decoupling needs piecewise-linear activations: "
+            f"{WHAT_TO_DO}")
