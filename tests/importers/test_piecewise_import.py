@@ -127,3 +127,50 @@ def test_sklearn_mlp_classifier_via_skl2onnx(tmp_path: Path) -> None:
 
 def _softmax(path: Path) -> onnx.NodeProto:
     return next(n for n in onnx.load(str(path)).graph.node if n.op_type == "Softmax")
+
+
+@pytest.mark.parametrize("include", [0, 1])
+def test_hand_written_onnx_asymmetric_pads_ceil_clip_prelu(tmp_path: Path, include: int) -> None:
+    """What no torch exporter writes but ONNX files carry: asymmetric pads on Conv, MaxPool and
+    AveragePool (with ceil_mode), Clip with constant bounds, PRelu slopes shaped [C, 1, 1],
+    LeakyRelu, a float→float Cast; exact against onnxruntime."""
+    from onnx import TensorProto, helper
+
+    from tests.importers.test_onnx import _graph_model
+
+    rng = np.random.default_rng(0)
+    inits = {"w": rng.standard_normal((4, 2, 3, 2)), "b": rng.standard_normal(4),
+             "slope": rng.uniform(-0.3, 0.5, (4, 1, 1)), "lo": np.array(-0.5), "hi": np.array(1.5),
+             "w2": rng.standard_normal((3, 4 * 4 * 3)), "shape0": np.array([0, -1])}
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xc"], to=TensorProto.FLOAT),
+        helper.make_node("Conv", ["xc", "w", "b"], ["c"], pads=[1, 0, 0, 2], strides=[1, 2]),
+        helper.make_node("PRelu", ["c", "slope"], ["p"]),
+        helper.make_node("MaxPool", ["p"], ["m"], kernel_shape=[2, 3], pads=[1, 1, 0, 0], strides=[2, 2],
+                         ceil_mode=1),
+        helper.make_node("Clip", ["m", "lo", "hi"], ["k"]),
+        helper.make_node("AveragePool", ["k"], ["a"], kernel_shape=[2, 2], pads=[1, 0, 0, 1], strides=[2, 1],
+                         ceil_mode=1, count_include_pad=include),
+        helper.make_node("LeakyRelu", ["a"], ["l"], alpha=0.3),
+        helper.make_node("Reshape", ["l", "shape0"], ["f"]),
+        helper.make_node("Gemm", ["f", "w2"], ["y"], transB=1),
+    ]
+    path = tmp_path / "hand.onnx"
+    onnx.save(_graph_model(nodes, inits, 17, ["n", 2, 11, 9]), path)
+    imported = import_onnx(path)
+    assert {layer["type"] for layer in imported.spec.layers} >= {"prelu", "hardtanh", "leaky_relu", "maxpool"}
+    model = DecoupledModel.from_net(imported.build()).eval()
+    x = (rng.standard_normal((5, 2 * 11 * 9)) * 2).astype(np.float32)
+    with torch.no_grad():
+        out = model(torch.from_numpy(x)).numpy()
+    assert close(out, run_onnx(path, x))
+    back = tmp_path / "back.onnx"
+    export_onnx(model, back)
+    assert close(run_onnx(back, x.reshape(5, 2, 11, 9)), out)
+    # where ONNX's ceil_mode rule and torch's disagree (a last window starting in the end padding)
+    nodes[3] = helper.make_node("MaxPool", ["p"], ["m"], kernel_shape=[2, 3], pads=[0, 1, 1, 0],
+                                strides=[2, 2], ceil_mode=1)
+    inits["w2"] = rng.standard_normal((3, 4 * 4 * 3))
+    onnx.save(_graph_model(nodes, inits, 17, ["n", 2, 11, 9]), path)
+    with pytest.raises(UnsupportedModel, match="ceil_mode"):
+        import_onnx(path)

@@ -119,6 +119,12 @@ class _Reader:
                                      [self.shapes[n] for n in inputs])
             except ValueError as exc:
                 raise _refuse(node, str(exc)) from None
+            known = getattr(self, "value_shapes", {}).get(node.output[0])
+            if known is not None and [d for d in known if d != 1] != [d for d in shape if d != 1]:
+                # ONNX's ceil_mode rule differs from torch's where the last window would start in
+                # the end padding; serving the other shape would not be exact
+                raise _refuse(node, f"output shape {known} by ONNX shape inference, {shape} by torch's "
+                                    "rule (a ceil_mode window starting in the padding?): not supported yet")
         self.layers.append(_Layer(kind, node.op_type, _name(node), inputs, node.output[0], shape, **kw))
         self.shapes[node.output[0]] = shape
 
