@@ -115,19 +115,40 @@ def test_gate_flip_fraction_counts_piece_changes_per_unit():
     assert gate_flip_fraction(pack(a, layout), pack(b, layout)) == 0.5
 
 
+@pytest.mark.parametrize("train_from", ["all", -1])
 @pytest.mark.parametrize("act", ["leaky_relu:0.1", "prelu", "relu6"])
-def test_qk_retrain_leaves_selector_bit_identical(act):
+def test_qk_retrain_leaves_selector_bit_identical(act, train_from):
     x, y = synthetic_arrays(300, dim=10, num_classes=3, hidden=16, seed=0)
     data = Split(torch.from_numpy(x), torch.from_numpy(y))
     train, val = data.subset(slice(0, 240)), data.subset(slice(240, 300))
     model = DecoupledModel.from_net(_net(resolve_arch("mlp:16-16", 10, 3, act)))
     before = copy.deepcopy(model.selector.state_dict())
     est_before = copy.deepcopy(model.estimator.state_dict())
-    cfg = dataclasses.replace(TrainConfig(device="cpu", batch_size=64), qk_epochs=2, qk_lr=1e-2)
+    cfg = dataclasses.replace(TrainConfig(device="cpu", batch_size=64), qk_epochs=2, qk_lr=1e-2,
+                              qk_train_from=train_from)
     train_qk(model, train, val, cfg)
     for k, v in model.selector.state_dict().items():
         assert torch.equal(v, before[k]), k
     changed = [k for k, v in model.estimator.state_dict().items() if not torch.equal(v, est_before[k])]
     assert changed
-    if act == "prelu":  # the estimator's PReLU slopes are parameters the gradient epochs train
+    with torch.no_grad():  # still the gated pair: the estimator under the selector's pieces
+        x = val.x[:20]
+        assert torch.equal(model(x), model.estimator(x, model.selector.structure(x)))
+    if act == "prelu" and train_from == "all":  # PReLU slopes are estimator parameters epochs train
         assert any(k.endswith("1.weight") for k in changed), changed
+
+
+def test_drift_patterns_count_piece_changes():
+    from app.core.drift import gate_patterns, nearest_hamming
+
+    spec = ArchSpec((2,), ({"type": "linear", "out": 2}, {"type": "hardtanh", "min": 0.0, "max": 6.0},
+                           {"type": "linear", "out": 1}))
+    net = ReLUNet(spec)
+    with torch.no_grad():
+        net.blocks[0].weight.copy_(torch.eye(2))
+        net.blocks[0].bias.zero_()
+    selector = DecoupledModel.from_net(net).selector
+    bank = gate_patterns(selector, torch.tensor([[-1.0, 3.0]]))  # pieces (0, 1)
+    query = gate_patterns(selector, torch.tensor([[7.0, 3.0], [1.0, 2.0]]))  # (2, 1): 2 crossings; (1, 1): 1
+    assert bank.shape == (1, 4)
+    assert nearest_hamming(query, bank).tolist() == [2 / 4, 1 / 4]
