@@ -161,8 +161,19 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--old-tree", type=Path, default=Path("/tmp/legacy18"))
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--micro-only", action="store_true", help="only part 2 (its own section)")
     args = ap.parse_args()
     started = time.perf_counter()
+    if args.micro_only:
+        micro_rows, ratios = old_vs_new(args.old_tree, args.runs)
+        micro = markdown_table(["plain-ReLU micro-benchmark", "before (eb46894) µs", "this code µs",
+                                "ratio new/old"], micro_rows)
+        print(micro)
+        if not args.no_write:
+            write_section("piecewise-micro", f"Plain-ReLU forward, before vs after issue 18 (a longer rerun "
+                          f"of part 2: median of {args.runs} interleaved subprocess pairs, {machine_info()}):"
+                          f"\n\n{micro}\n\nLargest ratio {max(ratios.values()):.3f}.")
+        return
     rows = pair_rows(args.n, args.runs)
     table = markdown_table(["net", "activation", "serve batch 1 (µs)", "serve batch 256 (rows/s)",
                             "QK retrain (s)", "val acc: trained → QK", "serving forward"], rows)
