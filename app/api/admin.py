@@ -2,7 +2,7 @@
 
 ``POST /retrain`` first asks whether anything lies beyond the active version's data watermark
 (``app.retrain.plan``): nothing → 200 ``skipped``, no job, no version, unless
-``force``. ``mode`` defaults to ``auto`` (the drift rule picks qk or full when the job runs).
+``force``. ``mode`` defaults to ``auto`` (the drift rule picks qk, refresh or full when the job runs).
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 EXIT_PROMOTED, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED, EXIT_NOTHING_NEW = 0, 1, 2, 3, 4
 
 
-def retrain(mode: str = typer.Option("auto", help="auto (the drift rule picks qk or full) | qk (estimator "
-                                                  "only, structure frozen) | full"),
+def retrain(mode: str = typer.Option("auto", help="auto (the drift rule picks qk, refresh or full) | qk "
+                                                  "(estimator only, structure frozen) | refresh (drifted "
+                                                  "layers, then QK) | full"),
             force: bool = typer.Option(False, "--force", help="retrain even when no sample lies beyond the "
                                                               "active version's data watermark"),
             epochs: int | None = typer.Option(None, min=1, help="in-process: override SKQK_RETRAIN_EPOCHS "

@@ -1,6 +1,7 @@
 """One retrain job, as a plain function: the embedded runner and a Celery task both call it.
 
-``run_retrain_job(store, settings, job_id, mode)``, ``mode`` one of ``auto`` | ``qk`` | ``full``:
+``run_retrain_job(store, settings, job_id, mode)``, ``mode`` one of ``auto`` | ``qk`` | ``refresh`` |
+``full``:
 
 1. marks the job ``running`` in the SQL job row and snapshots the data watermark
    (largest sample id) and the active version (the champion);
@@ -11,14 +12,15 @@
    :mod:`app.core.splits` (holdout never trained on), and measures the structural drift of
    the samples added since the selector was trained on rows fetched by id
    (:func:`app.core.drift.structural_drift_rows`: does ``mode=full`` look needed?);
-3. ``auto`` becomes ``full`` when that drift recommends it and ``qk`` otherwise (too few new
-   samples to judge, none since the selector was trained, or nothing drifted); the result's
-   ``mode`` says which ran and ``mode_reason`` why;
+3. ``auto`` becomes ``full`` when the new data rivals the old, ``refresh`` when the inputs
+   shifted with little new data, ``qk`` otherwise (:func:`app.retrain.refresh_step.choose_mode`);
+   the result's ``mode`` says which ran and ``mode_reason`` why;
 4. ``qk``: refits only the estimator's readout under the champion's frozen selector, a convex
    problem over the cached features passed chunk by chunk (:mod:`app.retrain.qk_refit`);
    ``full``: warm-starts a plain ReLU net from the selector and trains every weight (in memory
    while the rows fit ``SKQK_RETRAIN_MEMORY_MB``, else mini-batches streamed from the store);
-   it becomes selector and estimator;
+   it becomes selector and estimator; ``refresh``: re-learns only the drifted layers for a small
+   budget, then refits the readout on the new frozen structure (:mod:`app.retrain.refresh_step`);
 5. evaluates candidate and champion on the same holdout rows, registers the candidate
    (always, with its metrics), and promotes it by compare-and-set on the champion's version
    only if its holdout accuracy trails the champion's by no more than
@@ -60,6 +62,7 @@ from app.core.training import TrainConfig, TrainingCancelled, TrainResult, train
 from app.retrain.cached_features import CachedFeatures, FeaturePass
 from app.retrain.feature_cache import feature_key
 from app.retrain.qk_refit import budget_weights, refit_readout
+from app.retrain.refresh_step import choose_mode, run_refresh
 from app.retrain.sample_stream import HOLDOUT, TRAIN, VAL, DataWindow, block_rows, retention_floor
 from app.retrain.solver_progress import full_epoch_reporter
 from app.retrain.streamed_data import StoreBatches, evaluate_streamed, fetch_rows, load_role, window_ids
@@ -69,8 +72,9 @@ from app.storage import Store, VersionRecord
 
 log = logging.getLogger("skqk.retrain")
 
-MODES = ("qk", "full")  # what a retrain trains
+MODES = ("qk", "refresh", "full")  # what a retrain trains
 REQUEST_MODES = ("auto", *MODES)  # what a caller may ask for; auto: the drift rule picks
+STRUCTURAL_MODES = ("full", "import", "refresh")  # versions whose selector is their own
 CandidateHook = Callable[[DecoupledModel], None]
 ProgressHook = Callable[[dict[str, Any]], None]
 
@@ -98,16 +102,6 @@ def train_config(settings: Settings, task: str = "classification") -> TrainConfi
                        lr=settings.retrain_lr, patience=settings.retrain_patience,
                        seed=settings.retrain_seed, device=settings.device, task=task,
                        qk_readout_iters=settings.retrain_qk_readout_iters)
-
-
-def choose_mode(drift: dict[str, Any] | None) -> tuple[str, str]:
-    """``mode=auto``: (the mode to run, why), from the drift of the samples since the selector."""
-    if drift is None:
-        return "qk", ("auto: qk, no drift to measure (no new samples since the selector was "
-                      "trained, or its version records no data watermark)")
-    if drift.get("recommend_full"):
-        return "full", f"auto: full, the drift rule recommends it ({drift['reason']})"
-    return "qk", f"auto: qk ({drift['reason']})"
 
 
 def gate_decision(task: str, candidate: dict[str, float], champion: dict[str, float],
@@ -147,7 +141,7 @@ def _schema_to_keep(record: VersionRecord, schema: FeatureSchema) -> FeatureSche
 
 def selector_origin(store: Store, record: VersionRecord) -> VersionRecord:
     """The version whose full training produced this version's selector (its structure)."""
-    while record.mode not in ("full", "import") and record.parent is not None:
+    while record.mode not in STRUCTURAL_MODES and record.parent is not None:
         parent = store.get_version(record.parent, weights=False)
         if parent is None:
             break
@@ -315,7 +309,7 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
         drift = selector_drift(store, champion_record, champion, ids, window, settings.retrain_drift_min_new)
         requested = mode
         if mode == "auto":
-            mode, mode_reason = choose_mode(drift)
+            mode, mode_reason = choose_mode(drift, refresh_fits=_fits_in_memory(len(ids), window, budget))
         else:
             mode_reason = f"requested: mode={mode}"
         seen = champion_record.data_watermark  # what the champion was trained on
@@ -327,7 +321,12 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
         log.info("retrain %s: mode %s (%s)", job_id, mode, mode_reason)
 
         t_train = time.perf_counter()
-        if mode == "qk":
+        refresh_info = None
+        if mode == "refresh":
+            candidate, train_result, refresh_info = run_refresh(store, settings, window, block_ids, ids,
+                                                                champion, drift, cfg, report, should_cancel)
+            streamed = False
+        elif mode == "qk":
             assert features is not None
             candidate = DecoupledModel(PathSelector(champion.selector.net),
                                        Estimator(copy.deepcopy(champion.estimator.net)))
@@ -408,7 +407,7 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
             "task": task, "candidate": cand, "champion": champ,
             "tolerance": settings.promotion_tolerance, "data_watermark": watermark,
             "retention_floor": floor, "new_samples": new_samples, **sizes, **_solver_summary(train_result),
-            "drift": drift, "feature_cache": cache_stats, "streamed": streamed,
+            "drift": drift, "refresh": refresh_info, "feature_cache": cache_stats, "streamed": streamed,
             "timings": {"train_s": train_s, "structure_s": train_result.structure_s,
                         "eval_s": eval_s, "total_s": total_s}}
 

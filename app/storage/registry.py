@@ -62,8 +62,8 @@ class RegistryRepository:
                          estimator_weights: bytes, mode: str, parent: int | None,
                          metrics: dict[str, Any], data_watermark: int | None = None,
                          job_id: str | None = None, feature_schema: dict[str, Any] | None = None) -> int:
-        if mode not in ("qk", "full", "import"):  # import: a network trained elsewhere
-            raise ValueError(f"mode must be qk, full or import, got {mode!r}")
+        if mode not in ("qk", "refresh", "full", "import"):  # import: a network trained elsewhere
+            raise ValueError(f"mode must be qk, refresh, full or import, got {mode!r}")
         with self.engine.begin() as conn:
             res = conn.execute(insert(model_versions).values(
                 parent=parent, mode=mode, created_at=utcnow(), architecture=clean_json(architecture),
