@@ -152,3 +152,18 @@ def test_drift_patterns_count_piece_changes():
     query = gate_patterns(selector, torch.tensor([[7.0, 3.0], [1.0, 2.0]]))  # (2, 1): 2 crossings; (1, 1): 1
     assert bank.shape == (1, 4)
     assert nearest_hamming(query, bank).tolist() == [2 / 4, 1 / 4]
+
+
+def test_structural_drift_per_layer_with_three_piece_layers():
+    """The per-layer drift report (refresh's input) covers every activation layer, with the
+    thermometer columns of 3-piece layers counted in their own layer."""
+    from app.core.drift import structural_drift
+
+    spec = ArchSpec((6,), ({"type": "linear", "out": 8}, {"type": "hardtanh", "min": 0.0, "max": 6.0},
+                           {"type": "linear", "out": 5}, {"type": "leaky_relu", "alpha": 0.1},
+                           {"type": "linear", "out": 2}))
+    selector = DecoupledModel.from_net(_net(spec)).selector
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(400, 6, generator=gen) * 3
+    report = structural_drift(selector, ref, torch.randn(200, 6, generator=gen) * 3 + 2.0)
+    assert [(e["layer"], e["param_layer"], e["gates"]) for e in report.layers] == [(1, 0, 16), (3, 2, 5)]
