@@ -196,7 +196,10 @@ def main() -> None:
         worst = max(ratios.values())
         parts += ["", "Plain ReLU, the code before piecewise structure vs this code, same run, "
                   "interleaved subprocesses:", "", micro, "",
-                  f"Largest ratio {worst:.3f} (≤ 1.05 is within this shared machine's run-to-run noise)."]
+                  f"Largest ratio {worst:.3f}. Caveat: on this shared 2-core machine (other jobs running) "
+                  "repeated runs of identical code moved these ratios between about 0.88 and 1.37; the "
+                  "plain-ReLU paths only add a list lookup and up to two comparisons per layer (see the "
+                  "piecewise-micro section)."]
     parts.append(f"\n({time.perf_counter() - started:.0f} s for the whole bench)")
     if not args.no_write:
         write_section("piecewise", "## Piecewise-linear networks (issue 18)\n\n" + "\n".join(parts))

@@ -174,3 +174,24 @@ def test_hand_written_onnx_asymmetric_pads_ceil_clip_prelu(tmp_path: Path, inclu
     onnx.save(_graph_model(nodes, inits, 17, ["n", 2, 11, 9]), path)
     with pytest.raises(UnsupportedModel, match="ceil_mode"):
         import_onnx(path)
+
+
+def test_sklearn_mlp_regressor_via_skl2onnx(tmp_path: Path) -> None:
+    """MLPRegressor: Cast / MatMul / Add / Relu / Reshape, no head to strip."""
+    pytest.importorskip("skl2onnx")
+    from skl2onnx import to_onnx
+    from sklearn.neural_network import MLPRegressor
+
+    x = np.random.default_rng(0).standard_normal((200, 5)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reg = MLPRegressor(hidden_layer_sizes=(16, 8), max_iter=200, random_state=0)
+        reg.fit(x, 2 * x[:, 0] + x[:, 1])
+    path = tmp_path / "reg.onnx"
+    path.write_bytes(to_onnx(reg, x[:1]).SerializeToString())
+    imported = import_onnx(path)
+    model = DecoupledModel.from_net(imported.build()).eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(x)).numpy()
+    assert close(out, run_onnx(path, x))
+    assert close(out.ravel(), reg.predict(x).astype(np.float32))
