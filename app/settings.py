@@ -100,6 +100,10 @@ class Settings(BaseSettings):
                             "on the loop only when the process has one CPU and a full batch takes < 2 ms")
     device: str = Field("auto", description="auto | cpu | cuda (serving and retraining)")
     version_cache_size: int = Field(2, ge=0, description="non-active versions kept loaded for /versions/{v}")
+    explain_max_elements: int = Field(
+        1 << 28, ge=1, description="/explain: refuse (413) a request whose rows × inputs × (widest layer + "
+                                   "gated units) exceeds this; it bounds one request's work (memory is "
+                                   "bounded separately, by explaining in chunks)")
 
     # ---- model registry / hot-swap --------------------------------------------------------
     poll_interval_s: float = Field(2.0, gt=0, description="how often a replica checks the active version")
@@ -120,6 +124,13 @@ class Settings(BaseSettings):
     input_range: Literal["off", "warn", "reject"] = Field(
         "warn", description="per-feature ranges of the schema: off | warn (predict: serve and count; "
                             "ingest: refuse) | reject (refuse everywhere)")
+    unknown_category: Literal["ignore", "reject"] = Field(
+        "ignore", description="a category the version's vocabulary lacks, at predict: ignore (encoded as "
+                              "none of the known, counted in skqk_unknown_categories_total) | reject (422)")
+    bootstrap_categorical: str | None = Field(None, description="bootstrap from a file: columns a,b read "
+                                                                "as categories (like init --categorical)")
+    bootstrap_numeric: str | None = Field(None, description="bootstrap from a file: columns read as numbers")
+    bootstrap_drop: str | None = Field(None, description="bootstrap from a file: columns left out")
 
     # ---- retraining ------------------------------------------------------------------------
     retrain_epochs: int = Field(20, ge=1, description="full retrains: at most this many epochs "

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.api import admin, data, health, inference
+from app.api import admin, data, explain, health, inference
 from app.api.errors import install_error_handlers
 from app.api.fastpath import InferenceFastPath
 from app.api.health import flight
@@ -187,6 +187,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                   summary="ReLU nets served as frozen PathSelector + retrainable Estimator")
     install_error_handlers(app)
     app.include_router(inference.router)
+    app.include_router(explain.router)
     app.include_router(data.router)
     app.include_router(admin.router)
     app.include_router(health.router)

@@ -49,6 +49,10 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
          task: str = typer.Option("classification", help="classification | regression"),
          classes: str | None = typer.Option(None, help="class names in index order (default: the label "
                                                        "values, sorted; integer labels stay integers)"),
+         categorical: str | None = typer.Option(None, "--categorical", help="--data: columns a,b read as "
+                                                "categories (text columns are by default; integers not)"),
+         numeric: str | None = typer.Option(None, "--numeric", help="--data: columns read as numbers"),
+         drop: str | None = typer.Option(None, "--drop", help="--data: columns left out"),
          normalize: str = typer.Option("standard", help="--data: standard (per-feature mean/std, part of "
                                                         "the model) | none"),
          arch: str = typer.Option("mlp:256-256", help="mlp:W-W-…, cnn1d:W-W-…, lenet5, vgg-small or "
@@ -75,8 +79,10 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
 
     if normalize not in ("standard", "none"):
         fail("--normalize must be standard or none", 2)
-    if data is None and (label_column or features or classes or task != "classification"):
-        fail("--label-column, --features, --classes and --task go with --data FILE", 2)
+    if data is None and (label_column or features or classes or task != "classification" or categorical
+                         or numeric or drop):
+        fail("--label-column, --features, --classes, --task, --categorical, --numeric and --drop go with "
+             "--data FILE", 2)
     if data is not None and not label_column:
         fail("--data needs --label-column (the column holding the labels)", 2)
     settings, store = open_configured_store()
@@ -89,7 +95,11 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
     if existing is not None and not force:
         fail(f"the store ({safe_url(store.url)}) already has versions (latest {existing}, "
               f"active {store.active_version()}); pass --force to register another one")
-    table = _init_table(dataset, data, label_column, features, task, classes, normalize == "standard", seed)
+    from app.intake.training_table import ColumnTypes
+
+    types = ColumnTypes(tuple(names(categorical)), tuple(names(numeric)), tuple(names(drop)))
+    table = _init_table(dataset, data, label_column, features, task, classes, normalize == "standard", seed,
+                        types)
     arch = with_activation(arch, activation, input_shape)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, task=table.task)
     progress, bar = epoch_progress(epochs)
@@ -113,7 +123,7 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
 
 
 def _init_table(dataset: str, data: Path | None, label_column: str | None, features: str | None,
-                task: str, classes: str | None, normalize: bool, seed: int):  # -> TrainingTable
+                task: str, classes: str | None, normalize: bool, seed: int, types=None):  # -> TrainingTable
     from app.core.features import SchemaError
     from app.intake.training_table import table_from_dataset, table_from_file
 
@@ -125,7 +135,7 @@ def _init_table(dataset: str, data: Path | None, label_column: str | None, featu
         fail(f"reading data files needs the 'files' extra: pip install 'skqk-serve[files]' ({exc})", 2)
     try:
         return table_from_file(data, names(label_column), names(features) if features else None, task,
-                               names(classes) if classes else None, normalize)
+                               names(classes) if classes else None, normalize, types)
     except (DataFileError, SchemaError) as exc:
         fail(f"{data}: {exc}", 2)
 

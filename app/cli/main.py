@@ -5,9 +5,11 @@ from __future__ import annotations
 import typer
 
 from app.cli.data import ingest, init
+from app.cli.explain import explain_command
 from app.cli.networks import export, import_model_command
 from app.cli.retrain import retrain
 from app.cli.samples import samples_app
+from app.cli.scoring import predict
 from app.cli.serve import serve, worker
 from app.experiments.cli import experiment_app
 
@@ -18,7 +20,8 @@ cli.add_typer(samples_app, name="samples")
 cli.command()(init)
 cli.command()(ingest)
 cli.command("import")(import_model_command)
-for command in (export, serve, retrain, worker):
+cli.command("explain")(explain_command)
+for command in (export, serve, retrain, worker, predict):
     cli.command()(command)
 
 

@@ -86,3 +86,9 @@ def export(version: int = typer.Argument(..., help="model version"),
     except ImportError as exc:
         fail(f"{exc}: pip install 'skqk-serve[import]'", 2)
     console.print(f"version {version} → {output} (input [N, {', '.join(map(str, model.spec.input_shape))}])")
+    if schema.encoding is not None:  # the graph takes the encoded vector: the encoding goes beside it
+        from app.intake.networks.encoding_export import write_encoding
+
+        side = write_encoding(schema, output)
+        console.print(f"this version's columns have types: the graph's input is the ENCODED vector "
+                      f"({schema.input_dim} inputs); the encoding that makes it from raw rows is in {side}")

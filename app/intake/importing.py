@@ -114,6 +114,8 @@ def import_model(store: Store, settings: Settings, path: Path, data: Path | None
     classes = classes or imported.class_names  # labels the file carries (skl2onnx)
     table = _data_table(data, label_columns, features, task, classes) if data is not None else None
     schema = _schema(imported, table, task, classes)
+    if table is not None:  # /explain's default reference: the mean of the rows it came with
+        schema = schema.with_reference_from(table.x)
     model = DecoupledModel.from_net(net)
     log_space = imported.source_format == "pt2" and imported.stripped_softmax is not None
     diff = check_against_source(model, run_source, spec.input_dim, table, log_space)
