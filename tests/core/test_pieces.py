@@ -167,3 +167,20 @@ def test_structural_drift_per_layer_with_three_piece_layers():
     ref = torch.randn(400, 6, generator=gen) * 3
     report = structural_drift(selector, ref, torch.randn(200, 6, generator=gen) * 3 + 2.0)
     assert [(e["layer"], e["param_layer"], e["gates"]) for e in report.layers] == [(1, 0, 16), (3, 2, 5)]
+
+
+@pytest.mark.parametrize("act", ["leaky_relu:0.1", "prelu", "relu6"])
+def test_explain_is_exact_for_piecewise_nets_without_radius(act):
+    """output = offset + A(x)·x under the frozen pieces; the certified radius is only for ReLU
+    nets so far (NaN here, never a wrong number)."""
+    from app.core.explain import Explainer
+
+    for spec in _specs(act)[:2]:
+        model = DecoupledModel.from_net(_net(spec).double())
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(4, spec.input_dim, dtype=torch.float64, generator=gen) * 3
+        e = Explainer(model).explain(x)
+        with torch.no_grad():
+            assert torch.allclose(e.outputs, model(x), atol=1e-9)
+        assert torch.allclose(e.offset + torch.einsum("nkd,nd->nk", e.jacobian, x), e.outputs, atol=1e-9)
+        assert torch.isnan(e.radius_l2).all()
