@@ -12,6 +12,25 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from app.cli.common import console, fail, names, open_configured_store, safe_url
 
 
+def with_activation(arch: str, activation: str | None, input_shape: str | None) -> str:
+    """``--activation`` / ``--input-shape`` folded into the architecture name (see resolve_arch)."""
+    from app.core.spec import activation_layer
+
+    if activation:
+        try:
+            activation_layer(activation)
+        except ValueError as exc:
+            fail(str(exc), 2)
+        if arch.strip().startswith("{"):
+            fail("--activation applies to named architectures; write it into the JSON spec", 2)
+    if input_shape and not arch.startswith("cnn1d:"):
+        fail("--input-shape goes with --arch cnn1d:…", 2)
+    base = arch.split("+")[0] if activation else arch
+    if input_shape:
+        base = f"{base}@{input_shape}"
+    return f"{base}+{activation}" if activation else base
+
+
 def epoch_progress(total: int) -> tuple[Progress, object]:
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
@@ -36,7 +55,13 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
          drop: str | None = typer.Option(None, "--drop", help="--data: columns left out"),
          normalize: str = typer.Option("standard", help="--data: standard (per-feature mean/std, part of "
                                                         "the model) | none"),
-         arch: str = typer.Option("mlp:256-256", help="mlp:W-W-…, lenet5, vgg-small or JSON spec"),
+         arch: str = typer.Option("mlp:256-256", help="mlp:W-W-…, cnn1d:W-W-…, lenet5, vgg-small or "
+                                                               "JSON spec"),
+         activation: str | None = typer.Option(
+             None, "--activation",
+             help="relu (default) | leaky_relu:ALPHA | prelu | relu6 | hardtanh:MIN,MAX"),
+         input_shape: str | None = typer.Option(None, "--input-shape",
+                                                help="cnn1d: C,L (channels, length) of each row"),
          epochs: int = typer.Option(30, min=1), batch_size: int = typer.Option(128, min=1),
          lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
          device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -75,6 +100,7 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
     types = ColumnTypes(tuple(names(categorical)), tuple(names(numeric)), tuple(names(drop)))
     table = _init_table(dataset, data, label_column, features, task, classes, normalize == "standard", seed,
                         types)
+    arch = with_activation(arch, activation, input_shape)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, task=table.task)
     progress, bar = epoch_progress(epochs)
     started = time.perf_counter()

@@ -24,7 +24,10 @@ def import_model_command(model: Path = typer.Argument(..., exists=True, dir_okay
             input_shape: str | None = typer.Option(None, "--input-shape", help="C,H,W (or D) when the file "
                                                                                 "leaves it open"),
             activate: bool = typer.Option(False, help="make it the active version (automatic on an empty "
-                                                      "store)")) -> None:
+                                                      "store)"),
+            strip_softmax: bool = typer.Option(
+                False, "--strip-softmax", help="drop a final Softmax/LogSoftmax (and label outputs after "
+                                               "it): serve the logits; predictions are unchanged")) -> None:
     """Register a network trained elsewhere; selector and estimator both start as its weights.
 
     Checked against the source model (onnxruntime / the exported program) before anything is
@@ -39,7 +42,8 @@ def import_model_command(model: Path = typer.Argument(..., exists=True, dir_okay
     try:
         result = import_model(store, settings, model, data, names(label_column) or None,
                               names(features) if features else None, task,
-                              names(classes) if classes else None, shape, activate)
+                              names(classes) if classes else None, shape, activate,
+                              strip_softmax=strip_softmax)
     except (UnsupportedModel, ImportMismatch, SchemaError) as exc:
         fail(f"{model}: {exc}", 2)
     except ImportError as exc:  # onnx / onnxruntime / pyarrow not installed
