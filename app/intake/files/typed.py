@@ -8,6 +8,8 @@ fit its column's type raises BadValue (the caller turns it into a row and column
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,9 +19,12 @@ from app.intake.files.base import BadValue, describe
 from app.intake.files.columns import _plain, _utf8, first_failing, is_text, numpy_of
 
 _TRIM = " \t"
-_MISSING = pa.array(sorted(MISSING_TEXT))
-_TRUE = pa.array(sorted(TRUE_TEXT))
-_FALSE = pa.array(sorted(FALSE_TEXT))
+
+
+@cache
+def _value_set(words: frozenset[str]) -> pa.Array:
+    # built on first use: pa.array at import time would need pandas in the serving image
+    return pa.array(sorted(words))
 
 
 def _text(col: pa.ChunkedArray, name: str, order: int) -> pa.ChunkedArray:
@@ -30,7 +35,7 @@ def _text(col: pa.ChunkedArray, name: str, order: int) -> pa.ChunkedArray:
         i = first_failing(col, _utf8)
         raise BadValue(i, order, name, f"{describe(col[i].as_py())} is not valid UTF-8") from None
     col = pc.utf8_trim(col, _TRIM)
-    missing = pc.is_in(pc.utf8_lower(col), value_set=_MISSING)
+    missing = pc.is_in(pc.utf8_lower(col), value_set=_value_set(MISSING_TEXT))
     return pc.if_else(missing, pa.scalar(None, pa.string()), col)
 
 
@@ -71,7 +76,8 @@ def parse_arrow(col: pa.ChunkedArray, kind: str, name: str, order: int) -> np.nd
         return _nan_filled(col.cast(pa.float64()))
     if is_text(t):
         low = pc.utf8_lower(_text(col, name, order))
-        ones, zeros = pc.is_in(low, value_set=_TRUE), pc.is_in(low, value_set=_FALSE)
+        ones, zeros = (pc.is_in(low, value_set=_value_set(TRUE_TEXT)),
+                       pc.is_in(low, value_set=_value_set(FALSE_TEXT)))
         v = np.where(numpy_of(pc.cast(ones, pa.uint8())).astype(bool), 1.0,
                      np.where(numpy_of(pc.cast(zeros, pa.uint8())).astype(bool), 0.0, np.nan))
         bad = np.isnan(v) & ~numpy_of(pc.cast(pc.is_null(low), pa.uint8())).astype(bool)
@@ -103,7 +109,7 @@ def infer_kind(col: pa.ChunkedArray) -> str:
     except pa.ArrowInvalid:
         pass
     low = pc.drop_null(pc.utf8_lower(text))
-    if len(low) and pc.all(pc.is_in(low, value_set=pa.concat_arrays([_TRUE, _FALSE]))).as_py():
+    if len(low) and pc.all(pc.is_in(low, value_set=_value_set(TRUE_TEXT | FALSE_TEXT))).as_py():
         return "boolean"
     return "categorical"
 
