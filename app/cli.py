@@ -294,6 +294,7 @@ def serve(host: str | None = typer.Option(None, help="bind address (SKQK_HOST, d
 
     from app.api.http_protocol import protocol_path
     from app.serving.bootstrap import ensure_bootstrapped
+    from app.serving.multiproc_metrics import prepare_workers
     from app.settings import get_settings, resolve_api_key
 
     for name, value in (("HOST", host), ("PORT", port), ("WORKERS", workers), ("DATA_DIR", data_dir),
@@ -309,10 +310,18 @@ def serve(host: str | None = typer.Option(None, help="bind address (SKQK_HOST, d
     active = ensure_bootstrapped(store, settings)  # logs what it stores, each epoch, the score
     console.print(f"store {_safe_url(store.url)}: active version {active}; admin key from {key_source}")
     store.dispose()
-    uvicorn.run("app.api.main:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level.lower(),
-                access_log=settings.access_log, timeout_graceful_shutdown=5,
-                http=protocol_path())  # uvicorn's protocol + SKQK_HEADER_TIMEOUT_S
+    # several workers: one /metrics scrape covers them all (app/serving/multiproc_metrics.py)
+    own_metrics_dir = prepare_workers(settings.workers)
+    try:
+        uvicorn.run("app.api.main:create_app", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.workers, log_level=settings.log_level.lower(),
+                    access_log=settings.access_log, timeout_graceful_shutdown=5,
+                    http=protocol_path())  # uvicorn's protocol + SKQK_HEADER_TIMEOUT_S
+    finally:
+        if own_metrics_dir:
+            import shutil
+
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
 
 
 # `skqk retrain` exit codes, for cron and CI (docs/OPERATIONS.md)
