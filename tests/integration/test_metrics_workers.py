@@ -9,6 +9,7 @@ consecutive scrapes all equal the requests sent, whichever worker answers.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import re
 import threading
@@ -75,9 +76,9 @@ def test_counters_add_up_over_workers(bootstrapped_dir: Path, tmp_path: Path) ->
                 assert seen.get(PREDICT, 0) <= upper["predict"] + threads
             for w in workers:
                 w.join()
-            for before, after in zip(during, during[1:], strict=False):
+            for before, later in itertools.pairwise(during):
                 for name in (PREDICT, INGESTED, ACCEPTED):
-                    assert after.get(name, 0) >= before.get(name, 0), (name, before.get(name), after.get(name))
+                    assert later.get(name, 0) >= before.get(name, 0), (name, before.get(name), later.get(name))
 
             after = [_scrape(c) for _ in range(20)]  # any worker may answer each
         assert sent["predict"] == threads * per_thread
@@ -87,7 +88,8 @@ def test_counters_add_up_over_workers(bootstrapped_dir: Path, tmp_path: Path) ->
             assert seen[INGESTED] == sent["ingest"] * rows_per_ingest
             assert seen["skqk_requests_in_flight"] == 1  # the scrape itself, whichever worker
         # both processes served and wrote their own files (the stale one was removed at start)
-        pids = {re.search(r"(\d+)\.db$", f).group(1) for f in glob.glob(str(metrics_dir / "histogram_loop_*.db"))}
+        files = glob.glob(str(metrics_dir / "histogram_loop_*.db"))
+        pids = {re.search(r"(\d+)\.db$", f).group(1) for f in files}
         assert len(pids) == 2, pids
         assert not os.path.exists(metrics_dir / "counter_99999999.db")
     finally:
