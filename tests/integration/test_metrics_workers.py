@@ -78,7 +78,7 @@ def test_counters_add_up_over_workers(bootstrapped_dir: Path, tmp_path: Path) ->
                 w.join()
             for before, later in itertools.pairwise(during):
                 for name in (PREDICT, INGESTED, ACCEPTED):
-                    assert later.get(name, 0) >= before.get(name, 0), (name, before.get(name), later.get(name))
+                    assert later.get(name, 0) >= before.get(name, 0), (name, before, later)
 
             after = [_scrape(c) for _ in range(20)]  # any worker may answer each
         assert sent["predict"] == threads * per_thread
