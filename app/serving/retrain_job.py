@@ -60,7 +60,7 @@ from app.core.training import TrainConfig, TrainingCancelled, TrainResult, train
 from app.serving.cached_features import CachedFeatures, FeaturePass
 from app.serving.feature_cache import feature_key
 from app.serving.models import load_model, register_model, schema_of
-from app.serving.qk_refit import budget_weights, refit_readout
+from app.serving.qk_refit import budget_weights, refit_readout, refit_summary
 from app.serving.sample_stream import HOLDOUT, TRAIN, VAL, DataWindow, block_rows, retention_floor
 from app.serving.solver_progress import full_epoch_reporter
 from app.serving.streamed_data import StoreBatches, evaluate_streamed, fetch_rows, load_role, window_ids
@@ -327,6 +327,7 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
         log.info("retrain %s: mode %s (%s)", job_id, mode, mode_reason)
 
         t_train = time.perf_counter()
+        refit: dict[str, Any] | None = None  # qk: exact or sampled (app/serving/qk_refit.py)
         if mode == "qk":
             assert features is not None
             candidate = DecoupledModel(PathSelector(champion.selector.net),
@@ -341,6 +342,8 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
                        **{k: m[k] for k in ("train_loss", "val_loss", "val_acc") if k in m})
 
             weights = budget_weights(ids, roles, seen, settings.retrain_refit_max_rows)
+            refit = refit_summary(weights, roles, settings.retrain_refit_max_rows)
+            report(phase="refit", refit=refit["kind"])
             train_result = refit_readout(candidate, features, cfg, weights, on_refit, should_cancel)
             train_result.structure_s = features.stats.seconds
             streamed = features.streamed
@@ -409,6 +412,7 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
             "tolerance": settings.promotion_tolerance, "data_watermark": watermark,
             "retention_floor": floor, "new_samples": new_samples, **sizes, **_solver_summary(train_result),
             "drift": drift, "feature_cache": cache_stats, "streamed": streamed,
+            "refit": refit,
             "timings": {"train_s": train_s, "structure_s": train_result.structure_s,
                         "eval_s": eval_s, "total_s": total_s}}
 
