@@ -234,7 +234,8 @@ def refit_section(rows: list[dict[str, Any]], memory_mb: int, repeats: int, wall
         if kind == "sampled":
             kind += f" (p={d['refit']['old_fraction']:.3f}, ≈{d['refit']['expected_rows']:,} rows)"
         table.append([f"{d['n_samples']:,}", kind, f"{d['s']:.1f}", f"{d['job_s']:.1f}",
-                      f"{d['train_s']:.2f}", f"{da:.4f}", f"{e['s']:.1f}", f"{e['job_s']:.1f}", f"{e['train_s']:.2f}", f"{ea:.4f}",
+                      f"{d['train_s']:.2f}", f"{da:.4f}", f"{e['s']:.1f}", f"{e['job_s']:.1f}",
+                      f"{e['train_s']:.2f}", f"{ea:.4f}",
                       f"{100 * (da - ea):+.2f}", f"{d['rss_mb']:,.0f} / {e['rss_mb']:,.0f}"])
     lo, hi = rows[0]["default"], rows[-1]["default"]
     ratio = hi["s"] / lo["s"]
