@@ -13,7 +13,7 @@ from tests.conftest import fast_settings
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory, template_data_dir):  # noqa: ANN001, ANN201
+def client(tmp_path_factory: pytest.TempPathFactory, template_data_dir):
     from tests.helpers.server import copy_store
 
     data_dir = copy_store(template_data_dir, tmp_path_factory.mktemp("docs") / "data")
