@@ -412,7 +412,7 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
             "tolerance": settings.promotion_tolerance, "data_watermark": watermark,
             "retention_floor": floor, "new_samples": new_samples, **sizes, **_solver_summary(train_result),
             "drift": drift, "feature_cache": cache_stats, "streamed": streamed,
-            "refit": refit,
+            "refit": refit, "torch_threads": torch.get_num_threads(),  # floats depend on it
             "timings": {"train_s": train_s, "structure_s": train_result.structure_s,
                         "eval_s": eval_s, "total_s": total_s}}
 
