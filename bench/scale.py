@@ -236,7 +236,7 @@ def refit_section(rows: list[dict[str, Any]], memory_mb: int, repeats: int, wall
         table.append([f"{d['n_samples']:,}", kind, f"{d['s']:.1f}", f"{d['job_s']:.1f}",
                       f"{d['train_s']:.2f}", f"{da:.4f}", f"{e['s']:.1f}", f"{e['job_s']:.1f}",
                       f"{e['train_s']:.2f}", f"{ea:.4f}",
-                      f"{100 * (da - ea):+.2f}", f"{d['rss_mb']:,.0f} / {e['rss_mb']:,.0f}"])
+                      f"{100 * (da - ea):+.3f}", f"{d['rss_mb']:,.0f} / {e['rss_mb']:,.0f}"])
     lo, hi = rows[0]["default"], rows[-1]["default"]
     ratio = hi["s"] / lo["s"]
     exact_ratio = rows[-1]["exact"]["s"] / rows[0]["exact"]["s"]
