@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +26,9 @@ cli = typer.Typer(help="skqk-serve: serve ReLU nets as selector+estimator; cheap
                   no_args_is_help=True, add_completion=False)
 cli.add_typer(experiment_app, name="experiment")
 cli.add_typer(samples_app, name="samples")
-console = Console()
+# Not a terminal (a pipe, a log file, CI): no wrapping at 80 columns, which would split paths
+# and JSON; rich still drops colour codes there.
+console = Console(soft_wrap=not sys.stdout.isatty())
 
 
 @cli.callback()
@@ -100,7 +104,10 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
     with progress:
         def on_epoch(m: dict) -> None:
             score = (f"val_acc={m['val_acc']:.3f}" if "val_acc" in m else f"val_rmse={m['val_rmse']:.4g}")
-            progress.update(bar, completed=m["epoch"], info=f"{score} gate_flip={m.get('gate_flip', 0):.4f}")
+            # gates_changed: the share of ReLU on/off gates (training rows × hidden units) that flipped
+            # since the previous epoch; near 0 the structure has settled (docs/OPERATIONS.md)
+            progress.update(bar, completed=m["epoch"],
+                            info=f"{score} gates_changed={100 * m.get('gate_flip', 0):.2f}%")
         try:
             result = bootstrap_table(store, settings, table, arch, cfg, on_epoch, activate=True)
         except ValueError as exc:  # too few rows, a spec that does not fit the data, …
@@ -111,8 +118,23 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
              f"holdout_rmse={metrics['holdout_rmse']:.4g} holdout_r2={metrics['holdout_r2']:.4f}")
     console.print(f"version {result.version} (active): {score} "
                   f"({elapsed:.1f}s, {metrics['epochs_run']} epochs) → {_safe_url(store.url)}")
-    console.print_json(json.dumps(metrics))
+    console.print_json(finite_json(metrics))
     store.dispose()
+
+
+def finite_json(values: dict) -> str:
+    """JSON for the summary line: a non-finite number (regression has no accuracy: NaN) is null,
+    so the line parses as JSON (``json.dumps`` would write ``NaN``, which is not JSON)."""
+    def clean(v: object) -> object:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(values), allow_nan=False)
 
 
 def _init_table(dataset: str, data: Path | None, label_column: str | None, features: str | None,
@@ -137,7 +159,15 @@ def _names(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def _fail(message: str, code: int = 1):  # -> NoReturn
+# Exit codes of the commands that take data (init, ingest, import, export), docs/OPERATIONS.md:
+# 2 the command line, the file or its data is refused (nothing of it stored; ingest: the chunks
+# committed before a bad row stay, and a re-run skips them); 1 the store's state or a failure
+# stops it (init on a store with versions and no --force, ingest with no active version, the
+# store unreachable); 130 interrupted.
+EXIT_STATE, EXIT_REFUSED = 1, 2
+
+
+def _fail(message: str, code: int = EXIT_STATE):  # -> NoReturn
     console.print(f"[red]{message}", highlight=False)
     raise typer.Exit(code)
 
@@ -162,28 +192,39 @@ def ingest(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="C
     settings, store = _store()
     active = store.active_version()
     if active is None:
-        _fail("the store has no active model version: run `skqk init` (or `skqk serve`) first", 2)
+        store.dispose()
+        _fail("the store has no active model version: run `skqk init` (or `skqk serve`) first", EXIT_STATE)
     record = store.get_version(active, weights=False)
     assert record is not None
     schema = schema_of(record)
     progress = _ingest_progress()
     bar = progress.add_task("ingest", total=None, rows=0, rate=0.0)
+
+    def on_chunk(p) -> None:  # IngestProgress, after each committed chunk
+        if not progress.live.is_started:  # drawn from the first commit on: a refusal draws no bar
+            progress.start()
+        total, done = ((p.total_rows, p.rows_read) if p.total_rows is not None else
+                       (file.stat().st_size, p.bytes_read or 0))
+        progress.update(bar, total=total, completed=done, rows=p.rows_read, rate=p.rows_per_s)
+
     try:
-        with progress:
-            def on_chunk(p) -> None:  # IngestProgress
-                total, done = ((p.total_rows, p.rows_read) if p.total_rows is not None else
-                               (file.stat().st_size, p.bytes_read or 0))
-                progress.update(bar, total=total, completed=done, rows=p.rows_read, rate=p.rows_per_s)
-            report = ingest_file(store, schema, file, _names(label_column) or None, chunk_rows, start_row,
-                                 check_ranges=settings.input_range != "off", on_chunk=on_chunk)
+        report = ingest_file(store, schema, file, _names(label_column) or None, chunk_rows, start_row,
+                             check_ranges=settings.input_range != "off", on_chunk=on_chunk)
+        if progress.live.is_started:  # the final figures, the same as the summary's
+            progress.update(bar, completed=progress.tasks[0].total, rows=report.rows_read,
+                            rate=report.rows_per_s)
     except FileIngestError as exc:
-        _fail(str(exc), 1)
+        progress.stop()
+        _fail(str(exc), EXIT_REFUSED)
     except ImportError as exc:
-        _fail(f"reading data files needs the 'files' extra: pip install 'skqk-serve[files]' ({exc})", 2)
+        _fail(f"reading data files needs the 'files' extra: pip install 'skqk-serve[files]' ({exc})",
+              EXIT_REFUSED)
     except KeyboardInterrupt:
+        progress.stop()
         _fail("interrupted: every chunk committed so far is stored; run the same command again to "
               "continue (stored chunks are skipped)", 130)
     finally:
+        progress.stop()
         store.dispose()
     console.print(f"{report.rows_stored} rows stored, {report.rows_skipped} already stored (skipped), "
                   f"{report.chunks} chunks, {report.rows_per_s:,.0f} rows/s; store total "
@@ -234,7 +275,7 @@ def import_(model: Path = typer.Argument(..., exists=True, dir_okay=False,
                   f"{result.max_abs_diff:.3g}, {result.n_samples_stored} samples stored")
     for note in result.notes:
         console.print(f"  {note}")
-    console.print_json(json.dumps(result.metrics))
+    console.print_json(finite_json(result.metrics))
 
 
 @cli.command()
@@ -269,9 +310,10 @@ def export(version: int = typer.Argument(..., help="model version"),
 def _ingest_progress() -> Progress:
     from rich.progress import TimeRemainingColumn
 
+    # each time says what it is; the rate is IngestProgress.rows_per_s, as in the summary line
     return Progress(TextColumn("[bold]ingest"), BarColumn(), TextColumn("{task.fields[rows]:,} rows"),
-                    TextColumn("{task.fields[rate]:,.0f} rows/s"), TextColumn("ETA"), TimeRemainingColumn(),
-                    TimeElapsedColumn(), console=console, transient=False)
+                    TextColumn("{task.fields[rate]:,.0f} rows/s"), TextColumn("elapsed"), TimeElapsedColumn(),
+                    TextColumn("left"), TimeRemainingColumn(), console=console, transient=False)
 
 
 def _safe_url(url: str) -> str:

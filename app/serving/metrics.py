@@ -70,7 +70,11 @@ class ServingMetrics:
                                            "versions that failed to load (old model kept)", registry=r)
         self.ingest_requests = Counter("skqk_ingest_requests", "ingest requests by outcome", ["outcome"],
                                        registry=r)
-        self.ingest_samples = Counter("skqk_ingest_samples", "samples committed by /ingest", registry=r)
+        # named for what it counts: `skqk ingest` files and other replicas never pass through it;
+        # skqk_samples_total (read from the store) counts every stored sample, however it came
+        self.ingest_samples = Counter(
+            "skqk_http_ingest_samples", "samples committed by POST /ingest on this replica (not `skqk "
+            "ingest` file imports: skqk_samples_total counts every sample in the store)", registry=r)
         self.samples_total = ScrapeGauge(
             "skqk_samples_total", "samples in the store (read when /metrics is scraped; the last value "
             "is kept while the store is down)", registry=s)

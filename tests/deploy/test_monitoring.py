@@ -69,7 +69,7 @@ def test_dashboard_and_rules_query_only_exported_metrics() -> None:
     # and outcomes, drift, sample counts
     for needed in ("skqk_request_latency_seconds_bucket", "skqk_request_latency_seconds_count",
                    "skqk_retrain_jobs_total", "skqk_structural_drift", "skqk_drift_recommend_full",
-                   "skqk_samples_total", "skqk_ingest_samples_total"):
+                   "skqk_samples_total", "skqk_http_ingest_samples_total"):
         assert needed in queried
 
 

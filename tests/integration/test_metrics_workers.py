@@ -24,7 +24,7 @@ from tests.helpers.server import ServerProcess, fast_env
 DIGITS = load_digits()
 X = (DIGITS.data / 16.0).astype(np.float32)
 PREDICT = 'skqk_request_latency_seconds_count{method="POST",route="/predict",status="200"}'
-INGESTED = "skqk_ingest_samples_total"
+INGESTED = "skqk_http_ingest_samples_total"
 ACCEPTED = 'skqk_ingest_requests_total{outcome="accepted"}'
 
 
