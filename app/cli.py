@@ -254,14 +254,16 @@ def import_(model: Path = typer.Argument(..., exists=True, dir_okay=False,
     """
     from app.core.features import SchemaError
     from app.importers import UnsupportedModel
+    from app.importers.torch_warnings import torch_deprecations_once
     from app.serving.importing import ImportMismatch, import_model
 
     shape = tuple(int(v) for v in _names(input_shape)) if input_shape else None
     settings, store = _store()
     try:
-        result = import_model(store, settings, model, data, _names(label_column) or None,
-                              _names(features) if features else None, task,
-                              _names(classes) if classes else None, shape, activate)
+        with torch_deprecations_once():  # torch's internal deprecations: once, not per call
+            result = import_model(store, settings, model, data, _names(label_column) or None,
+                                  _names(features) if features else None, task,
+                                  _names(classes) if classes else None, shape, activate)
     except (UnsupportedModel, ImportMismatch, SchemaError) as exc:
         _fail(f"{model}: {exc}", 2)
     except ImportError as exc:  # onnx / onnxruntime / pyarrow not installed
