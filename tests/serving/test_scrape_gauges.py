@@ -27,4 +27,5 @@ def test_retrain_jobs_label_sets_are_replaced_whole() -> None:
     assert 'skqk_retrain_jobs_total{mode="auto",outcome="queued"} 1.0' in m.render().decode()
     m.set_retrain_stats(RetrainStats(jobs={("qk", "running"): 1}))
     text = m.render().decode()
-    assert 'outcome="queued"' not in text and 'skqk_retrain_jobs_total{mode="qk",outcome="running"} 1.0' in text
+    assert 'outcome="queued"' not in text
+    assert 'skqk_retrain_jobs_total{mode="qk",outcome="running"} 1.0' in text
