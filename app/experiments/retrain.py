@@ -261,7 +261,8 @@ def _baseline_lines(ax: Any, baselines: list[tuple[str, str, float]], spans: lis
             ax.axhline(acc, color=color, ls="--", lw=1, label=f"{m} (no retrain): {acc:.1f} %")
         else:
             where = "below" if acc < bottom else "above"  # named in the legend, not drawn
-            ax.plot([], [], color=color, ls="--", lw=1, label=f"{m} (no retrain): {acc:.1f} %, {where} this axis")
+            ax.plot([], [], color=color, ls="--", lw=1,
+                    label=f"{m} (no retrain): {acc:.1f} %, {where} this axis")
 
 
 def summary_table(payload: dict[str, Any]) -> str:
