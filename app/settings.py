@@ -100,6 +100,10 @@ class Settings(BaseSettings):
                             "on the loop only when the process has one CPU and a full batch takes < 2 ms")
     device: str = Field("auto", description="auto | cpu | cuda (serving and retraining)")
     version_cache_size: int = Field(2, ge=0, description="non-active versions kept loaded for /versions/{v}")
+    explain_max_elements: int = Field(
+        1 << 28, ge=1, description="/explain: refuse (413) a request whose rows × inputs × (widest layer + "
+                                   "gated units) exceeds this; it bounds one request's work (memory is "
+                                   "bounded separately, by explaining in chunks)")
 
     # ---- model registry / hot-swap --------------------------------------------------------
     poll_interval_s: float = Field(2.0, gt=0, description="how often a replica checks the active version")
@@ -126,6 +130,13 @@ class Settings(BaseSettings):
                                                       "(qk has none: a feature pass and a readout refit)")
     retrain_qk_readout_iters: int = Field(
         20, ge=1, description="qk retrains: at most this many L-BFGS iterations of the readout refit")
+    retrain_refresh_epochs: int = Field(
+        2, ge=1, description="mode=refresh: Adam epochs on the drifted layers (then the readout refit)")
+    retrain_refresh_max_layers: int = Field(
+        0, ge=0, description="mode=refresh: re-learn at most this many drifted layers, the lowest (0: all "
+                             "whose firing-rate ratio exceeds 3)")
+    retrain_refresh_old_per_new: float = Field(
+        1.0, ge=0.0, description="mode=refresh: old rows per new row in the refresh epochs (0: all rows)")
     retrain_drift_min_new: int = Field(
         100, ge=1, description="mode=auto: fewer new samples since the selector was trained are "
                                "too few to judge drift (app/core/drift.py); volume still counts")

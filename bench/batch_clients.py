@@ -56,7 +56,7 @@ HEADER = "Inference-Header-Content-Length"
 
 
 def bootstrap(data_dir: Path, dataset: str, epochs: int) -> dict[str, Any]:
-    from app.serving.bootstrap import bootstrap_version
+    from app.intake.bootstrap import bootstrap_version
     from app.settings import Settings
     from app.storage import open_store
 

@@ -57,10 +57,10 @@ def main() -> None:
     torch.set_num_threads(1)
     import onnxruntime as ort
 
+    from app.intake.importing import import_model
+    from app.retrain.job import run_retrain_job
     from app.serving.holder import compile_for_inference
-    from app.serving.importing import import_model
     from app.serving.models import load_model
-    from app.serving.retrain_job import run_retrain_job
     from app.settings import Settings
     from app.storage import open_store
 

@@ -29,7 +29,7 @@ from tests.helpers.server import ServerProcess, fast_env
 
 
 def build_store(data_dir: Path, rows: int) -> None:
-    from app.serving.bootstrap import bootstrap_version
+    from app.intake.bootstrap import bootstrap_version
     from app.settings import Settings
     from app.storage import open_store
 

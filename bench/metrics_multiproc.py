@@ -109,6 +109,7 @@ def main() -> None:
         child(args.child, args.requests)
         return
     from app.serving.bootstrap import bootstrap_version
+
     from app.settings import Settings
     from app.storage import open_store
 

@@ -90,7 +90,7 @@ def child(mode: str) -> None:
 
     import torch
 
-    from app.serving.retrain_job import run_retrain_job
+    from app.retrain.job import run_retrain_job
     from app.settings import Settings
     from app.storage import Store
 
@@ -144,7 +144,7 @@ def ingest_latency(data_dir: Path, database_url: str | None, requests: int = 200
 
 def bench_backend(backend: str, sizes: list[int], work: Path, memory_mb: int, epochs: int,
                   database_url: str | None) -> tuple[list[list[object]], dict[str, float]]:
-    from app.serving.bootstrap import bootstrap_version
+    from app.intake.bootstrap import bootstrap_version
     from app.settings import Settings
     from app.storage import open_store
 
@@ -190,6 +190,7 @@ def bench_refit(sizes: list[int], work: Path, memory_mb: int, repeats: int) -> l
     """QK with default settings vs the exact refit (SKQK_RETRAIN_REFIT_MAX_ROWS=0), SQLite, on the
     same store state each: 10 k rows new since the champion, the candidate rolled back after each run."""
     from app.serving.bootstrap import bootstrap_version
+
     from app.settings import Settings
     from app.storage import open_store
 

@@ -89,7 +89,7 @@ class Server:
 
 
 def bootstrap(data_dir: Path, epochs: int) -> dict:
-    from app.serving.bootstrap import bootstrap_version
+    from app.intake.bootstrap import bootstrap_version
     from app.settings import Settings
     from app.storage import open_store
 

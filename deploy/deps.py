@@ -5,7 +5,7 @@
         the runtime requirements of `pip install '.[extras]'`, one a line: the Dockerfile
         installs these (with constraints.txt) before it copies the source, so a code edit
         never reinstalls the dependencies.
-    python3 deploy/deps.py constraints [--extras dev,files,import,experiments] > constraints.txt
+    python3 deploy/deps.py constraints [--extras dev,files,import,experiments,bench] > constraints.txt
         `name==version` for every installed distribution in the dependency closure of the
         project with those extras (`pip freeze` limited to what the project pulls in; local
         version labels such as torch's `+cpu` dropped, so the CUDA build of the same release

@@ -51,7 +51,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def bootstrap_into(store: Store, settings: Settings) -> int:
-    from app.serving.bootstrap import bootstrap_version
+    from app.intake.bootstrap import bootstrap_version
 
     return bootstrap_version(store, settings).version
 

@@ -11,7 +11,7 @@
   on machines of any size give bit-identical results at the same setting, as the embedded
   runner does; and one thread per retrain is what keeps several workers (or a worker and the
   API) on one host from oversubscribing its cores (docs/OPERATIONS.md, "Threads").
-- a heartbeat per worker in Redis (``app.serving.worker_presence``), started when the worker
+- a heartbeat per worker in Redis (``app.retrain.worker_presence``), started when the worker
   is ready and removed when it shuts down: ``POST /retrain`` answers 503 when no worker
   consumes the queue instead of queueing a job nobody will run.
 """
@@ -23,7 +23,7 @@ from typing import Any
 from celery import Celery, signals
 
 from app.distributed import GPU_QUEUE, RETRAIN_TASK, redis_client
-from app.serving.worker_presence import Heartbeat
+from app.retrain.worker_presence import Heartbeat
 from app.settings import get_settings
 
 

@@ -33,9 +33,9 @@ from app.distributed import (
     publish_activated,
     redis_client,
 )
+from app.retrain.job import JobInterrupted, JobNotQueued, run_retrain_job
+from app.retrain.sharded_features import SHARD_TASK, run_shard, sharded_pass
 from app.serving.models import load_model
-from app.serving.retrain_job import JobInterrupted, JobNotQueued, run_retrain_job
-from app.serving.sharded_features import SHARD_TASK, run_shard, sharded_pass
 from app.settings import Settings, get_settings
 from app.storage import Store
 from workers.celery_app import apply_retrain_threads, celery_app
@@ -166,7 +166,7 @@ def retrain(self: Any, job_id: str, mode: str) -> dict[str, Any]:
 @celery_app.task(name=SHARD_TASK)
 def feature_shard(version: int, key: str, window: dict[str, Any], block_ids: int, audit_mark: int,
                   indices: list[int]) -> dict[str, Any]:
-    """One shard of a QK retrain's feature pass (app.serving.sharded_features): compute the
+    """One shard of a QK retrain's feature pass (app.retrain.sharded_features): compute the
     blocks no other worker has, into the shared feature cache."""
     settings = get_settings()
     apply_retrain_threads()

@@ -1,8 +1,8 @@
 """/retrain, /retrain/{job_id}, /models, /models/{version}/activate.
 
 ``POST /retrain`` first asks whether anything lies beyond the active version's data watermark
-(``app.serving.retrain_plan``): nothing → 200 ``skipped``, no job, no version, unless
-``force``. ``mode`` defaults to ``auto`` (the drift rule picks qk or full when the job runs).
+(``app.retrain.plan``): nothing → 200 ``skipped``, no job, no version, unless
+``force``. ``mode`` defaults to ``auto`` (the drift rule picks qk, refresh or full when the job runs).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from app.api.schemas import ActivateRequest, RetrainRequest
 from app.api.state import RETRY_AFTER, get_state, require_api_key, store_unavailable
 from app.core.spec import ArchSpec
 from app.distributed import publish_activated, redis_client
+from app.retrain.plan import plan_retrain
+from app.retrain.protocol import RetrainInProgress, RetrainQueueUnavailable
 from app.serving.models import public_schema, schema_of
-from app.serving.retrain_plan import plan_retrain
-from app.serving.runner import RetrainInProgress, RetrainQueueUnavailable
 from app.storage import JobRecord, UnknownVersion, VersionRecord
 from app.storage.store import utcnow
 

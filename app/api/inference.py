@@ -136,7 +136,7 @@ async def predict(request: Request) -> Response:
 @router.get("/v2")
 async def v2_server_metadata() -> Response:
     return FastJSONResponse({"name": "skqk-serve", "version": _server_version(),
-                             "extensions": ["binary_tensor_data"]})
+                             "extensions": ["binary_tensor_data", "explain"]})
 
 
 @router.get("/v2/health/live")

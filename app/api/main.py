@@ -23,7 +23,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.api import admin, data, health, inference
+from app.api import admin, data, explain, health, inference
 from app.api.errors import install_error_handlers
 from app.api.fastpath import InferenceFastPath
 from app.api.health import flight
@@ -32,15 +32,15 @@ from app.api.openapi import install_openapi
 from app.api.samples_admin import router as samples_admin_router
 from app.api.state import AppState, install_store_error_handler
 from app.distributed import ActivationSubscriber
+from app.retrain.plan import METRIC_CAP, plan_retrain
+from app.retrain.runners import build_runner
 from app.serving.batcher import Batcher
 from app.serving.holder import ModelHolder
 from app.serving.metrics import ServingMetrics
-from app.serving.retrain_plan import METRIC_CAP, plan_retrain
-from app.serving.retrain_stats import retrain_stats
-from app.serving.runner import build_runner
 from app.settings import Settings, get_settings, resolve_api_key
 from app.storage import JobRecord, Store
 from app.storage.guard import call_timeout, set_call_timeout
+from app.storage.job_stats import retrain_stats
 
 log = logging.getLogger("skqk.api")
 
@@ -154,7 +154,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             if (job.result or {}).get("promoted"):
                 holder.refresh(force=True)
 
-        runner = build_runner(settings, st_store, on_finished=on_finished, metrics=metrics)
+        runner = build_runner(settings, st_store, on_finished=on_finished)
         app.state.skqk = AppState(settings, st_store, metrics, holder, batcher, runner, api_key)
         if fast is not None:
             fast.state = app.state.skqk
@@ -190,6 +190,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                          summary="ReLU nets served as frozen PathSelector + retrainable Estimator")
     install_error_handlers(app)
     app.include_router(inference.router)
+    app.include_router(explain.router)
     app.include_router(data.router)
     app.include_router(admin.router)
     app.include_router(health.router)

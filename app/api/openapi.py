@@ -20,6 +20,12 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode
 
 from app.api.auth import HEADER, Scope
+from app.api.explain_schemas import (
+    ExplainRequest,
+    ExplainResponse,
+    KServeExplainRequest,
+    KServeExplainResponse,
+)
 from app.api.samples_admin import (
     SampleActionResult,
     SampleAuditPage,
@@ -101,6 +107,12 @@ V2_NOTES = {200: f"success; application/octet-stream with {V2_HEADER} when an ou
             400: f"{ERROR_TEXT[400]}; binary tensor data framed wrongly ({V2_HEADER}, "
                  "parameters.binary_data_size)",
             415: "Content-Type is neither application/json nor application/octet-stream (none is fine)"}
+EXPLAIN_NOTES = {413: "body over SKQK_MAX_BODY_BYTES, or rows × Jacobian size over SKQK_EXPLAIN_MAX_ELEMENTS "
+                      "(the message says how many rows fit)"}
+V2_EXPLAIN_NOTES = {**EXPLAIN_NOTES,
+                    200: "the explain extension: outputs predictions, output_values, explained_outputs, "
+                         "contributions [N, K', features], intercept, active_units, radius_l2, radius_linf; "
+                         'request parameters "reference" and "outputs" as for /explain'}
 V2_BINARY = {("POST", "/v2/models/{name}/infer"), ("POST", "/v2/models/{name}/versions/{version}/infer")}
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
@@ -119,6 +131,18 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {200: V2InferResponse}, (*BODY_ERRORS, 404, 503), V2InferRequest, scope="predict", notes=V2_NOTES),
     ("POST", "/v2/models/{name}/versions/{version}/infer"): Operation(
         {200: V2InferResponse}, (*BODY_ERRORS, 404, 503), V2InferRequest, scope="predict", notes=V2_NOTES),
+    # ---- explanations (app/api/explain.py)
+    ("POST", "/explain"): Operation({200: ExplainResponse}, (*BODY_ERRORS, 503), ExplainRequest,
+                                    scope="predict", notes=EXPLAIN_NOTES),
+    ("POST", "/v1/models/{name}:explain"): Operation(
+        {200: KServeExplainResponse}, (*BODY_ERRORS, 404, 503), KServeExplainRequest, scope="predict",
+        notes=EXPLAIN_NOTES),
+    ("POST", "/v2/models/{name}/explain"): Operation(
+        {200: V2InferResponse}, (*BODY_ERRORS, 404, 503), V2InferRequest, scope="predict",
+        notes=V2_EXPLAIN_NOTES),
+    ("POST", "/v2/models/{name}/versions/{version}/explain"): Operation(
+        {200: V2InferResponse}, (*BODY_ERRORS, 404, 503), V2InferRequest, scope="predict",
+        notes=V2_EXPLAIN_NOTES),
     # ---- data
     ("POST", "/ingest"): Operation(
         {200: IngestResponse}, (*BODY_ERRORS, 409, 503), IngestRequest, scope="ingest",

@@ -67,9 +67,10 @@ class IngestRequest(BaseModel):
 
 
 class RetrainRequest(BaseModel):
-    mode: Literal["auto", "qk", "full"] = Field(
-        "auto", description="auto (default): the structural-drift rule picks qk or full; qk: the "
-                            "estimator only, structure frozen; full: every weight")
+    mode: Literal["auto", "qk", "refresh", "full"] = Field(
+        "auto", description="auto (default): the structural-drift rule picks qk, refresh or full; qk: "
+                            "the estimator's readout only, structure frozen; refresh: the drifted "
+                            "layers re-learnt for a small budget, then the readout refit; full: every weight")
     force: bool = Field(False, strict=True, description="retrain even when no sample lies beyond the "
                                                         "active version's data watermark (else 200 skipped)")
 
@@ -143,7 +144,8 @@ class SampleCount(BaseModel):
 class RetrainAccepted(BaseModel):
     job_id: str
     status: str
-    mode: Literal["auto", "qk", "full"] = Field(description="as requested; the job's result says which ran")
+    mode: Literal["auto", "qk", "refresh", "full"] = Field(
+        description="as requested; the job's result says which ran")
 
 
 class RetrainSkipped(BaseModel):
@@ -157,7 +159,7 @@ class RetrainSkipped(BaseModel):
 class RetrainJob(BaseModel):
     job_id: str
     status: str = Field(description="queued | running | succeeded | failed | cancelled")
-    mode: str = Field(description="as requested (auto | qk | full); result.mode: the one that ran")
+    mode: str = Field(description="as requested (auto | qk | refresh | full); result.mode: the one that ran")
     runner: str
     progress: dict[str, Any] = Field(description="phase (loading, features, refit, training, evaluating, "
                                                  "registering, done) and the solver's numbers")

@@ -15,10 +15,10 @@ from app.api.auth import ApiKeys, Scope, resolve_keys
 from app.api.errors import ApiError, error_response
 from app.api.rows import Where
 from app.core.features import FeatureSchema
+from app.retrain.protocol import RetrainRunner
 from app.serving.batcher import Batcher, InferenceResult, NotReady, QueueFull, ShapeMismatch
 from app.serving.holder import LoadedModel, ModelHolder
 from app.serving.metrics import ServingMetrics
-from app.serving.runner import RetrainRunner
 from app.settings import Settings
 from app.storage import Store
 from app.storage.guard import StoreTimeout

@@ -82,7 +82,7 @@ def load_mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def synthetic_arrays(n: int, dim: int = 64, num_classes: int = 10, hidden: int = 128,
-                     seed: int = 0, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                     seed: int = 0, shift: float | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Teacher-network data: x ~ N(shift, 1), y = argmax of a fixed random 2-layer ReLU teacher.
 
     The teacher depends only on (dim, num_classes, hidden), never on ``seed`` or ``shift``,

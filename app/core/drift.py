@@ -58,11 +58,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from app.core.network import PathSelector
+from app.core.spec import layer_inputs
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,13 @@ class DriftReport:
     reason: str
     n_new_samples: int = 0  # all new samples (n_new is at most query_size of them)
     judged: bool = True  # False: too few new samples to judge the distribution signals
+    # per gated layer (ReLU layers in spec order): its spec index, the parameter layer whose
+    # pre-activation it gates, its firing-rate L1 and ratio (same definition as rate_ratio)
+    layers: list[dict[str, float | int]] = field(default_factory=list)
+
+    @property
+    def layer_rate_ratios(self) -> list[float]:
+        return [float(entry["rate_ratio"]) for entry in self.layers]
 
     def to_dict(self) -> dict[str, float | int | bool | str]:
         return asdict(self)
@@ -134,6 +142,31 @@ def gate_patterns(selector: PathSelector, x: torch.Tensor, chunk: int = 4096) ->
         s = selector.structure(x[i:i + chunk])
         parts.append(torch.cat([g.reshape(g.shape[0], -1) for g in s.gates], dim=1))
     return torch.cat(parts)
+
+
+def gate_layers(selector: PathSelector) -> list[tuple[int, int]]:
+    """(ReLU layer spec index, the parameter layer feeding it) for every gated layer, in order.
+
+    The parameter layer is found by walking back through layers without weights (pools,
+    flatten): its weights set the gate's pre-activation, so a refresh of that gate trains it.
+    """
+    spec = selector.spec
+    out = []
+    for i, layer in enumerate(spec.layers):
+        if layer["type"] != "relu":
+            continue
+        j = i
+        while j >= 0 and spec.layers[j]["type"] not in ("linear", "conv"):
+            ins = layer_inputs(j, spec.layers[j])
+            j = ins[0] if len(ins) == 1 else -1  # an add joins two paths: no single owner
+        out.append((i, j))
+    return out
+
+
+@torch.no_grad()
+def gate_layer_sizes(selector: PathSelector, x_one: torch.Tensor) -> list[int]:
+    """Number of gates per gated layer (one sample's structure)."""
+    return [int(g[0].numel()) for g in selector.structure(x_one[:1]).gates]
 
 
 def nearest_hamming(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -230,6 +263,8 @@ def structural_drift_rows(selector: PathSelector, n_reference: int, n_new: int, 
     rate_ratio = rate_l1 / max(rate_base, 1e-6)
     volume = n_new / n_reference
 
+    layers = _layer_rates(selector, take_reference(bank_rows[:1]).to(device), rate_bank, rate_held,
+                          rate_new, noise_scale(int(new.shape[0]), int(held.shape[0]), int(bank.shape[0])))
     n_sampled = int(new.shape[0])
     recommend, reason = thresholds.decide({"rate_ratio": rate_ratio, "nn_ratio": nn_ratio,
                                            "far_fraction": far, "volume_ratio": volume}, n_sampled)
@@ -237,4 +272,25 @@ def structural_drift_rows(selector: PathSelector, n_reference: int, n_new: int, 
                        far_fraction=far, rate_l1=rate_l1, rate_l1_baseline=rate_base,
                        rate_ratio=rate_ratio, volume_ratio=volume, n_reference=int(bank.shape[0]),
                        n_new=n_sampled, recommend_full=recommend, reason=reason,
-                       n_new_samples=n_new, judged=thresholds.judged(n_sampled))
+                       n_new_samples=n_new, judged=thresholds.judged(n_sampled), layers=layers)
+
+
+def _layer_rates(selector: PathSelector, x_one: torch.Tensor, rate_bank: torch.Tensor,
+                 rate_held: torch.Tensor, rate_new: torch.Tensor,
+                 scale: float) -> list[dict[str, float | int]]:
+    """Per gated layer: the firing-rate L1 (new vs bank), its held-out baseline, their ratio.
+
+    Which layers' structure moved: under an input shift the first layer's rates move most,
+    and only a layer whose ratio is high has gates worth re-learning (``mode=refresh``).
+    """
+    out: list[dict[str, float | int]] = []
+    start = 0
+    for (relu_index, param_index), size in zip(gate_layers(selector), gate_layer_sizes(selector, x_one),
+                                               strict=True):
+        sl = slice(start, start + size)
+        start += size
+        l1 = float((rate_new[sl] - rate_bank[sl]).abs().mean()) if size else 0.0
+        base = (float((rate_held[sl] - rate_bank[sl]).abs().mean()) if size else 0.0) * scale
+        out.append({"layer": relu_index, "param_layer": param_index, "gates": size, "rate_l1": l1,
+                    "rate_l1_baseline": base, "rate_ratio": l1 / max(base, 1e-6)})
+    return out

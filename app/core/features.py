@@ -39,6 +39,9 @@ class FeatureSchema:
     range_min: tuple[float, ...] | None = None
     range_max: tuple[float, ...] | None = None
     source: str | None = None
+    # the default explanation reference (app.core.explain): the training rows' mean, stored with
+    # the version at registration; None for versions stored before it existed
+    reference: tuple[float, ...] | None = None
     _index: dict[str, int] = field(init=False, compare=False, repr=False)
     _class_index: dict[str, int] = field(init=False, compare=False, repr=False)
     _bounds: tuple[np.ndarray, np.ndarray] | None = field(init=False, compare=False, repr=False)
@@ -56,6 +59,9 @@ class FeatureSchema:
                 raise SchemaError(f"{len(self.class_names)} class names for {self.num_classes} classes")
         elif not self.target_names:
             raise SchemaError("a regression schema needs at least one target name")
+        if self.reference is not None and (len(self.reference) != len(self.feature_names)
+                                           or not all(map(math.isfinite, self.reference))):
+            raise SchemaError(f"reference needs {len(self.feature_names)} finite values")
         # lookups built once (frozen dataclass: set through object.__setattr__)
         object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.feature_names)})
         object.__setattr__(self, "_class_index", {name: i for i, name in enumerate(self.class_names or ())})
@@ -92,12 +98,15 @@ class FeatureSchema:
             d["target_names"] = list(self.target_names)
         d["ranges"] = ({"min": list(self.range_min), "max": list(self.range_max)}  # type: ignore[arg-type]
                        if self.has_ranges else None)
+        if self.reference is not None:  # absent key: schemas stored before it read back unchanged
+            d["reference"] = {"type": "training_mean", "values": list(self.reference)}
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeatureSchema:
         ranges = d.get("ranges") or None
         classes = d.get("class_names")
+        reference = (d.get("reference") or {}).get("values")
         return cls(feature_names=tuple(str(n) for n in d["feature_names"]),
                    input_shape=tuple(int(v) for v in d["input_shape"]), task=d.get("task", "classification"),
                    num_classes=int(d.get("num_classes") or 0),
@@ -106,7 +115,8 @@ class FeatureSchema:
                    label_column=d.get("label_column"),
                    range_min=tuple(float(v) for v in ranges["min"]) if ranges else None,
                    range_max=tuple(float(v) for v in ranges["max"]) if ranges else None,
-                   source=d.get("source"))
+                   source=d.get("source"),
+                   reference=tuple(float(v) for v in reference) if reference is not None else None)
 
     @classmethod
     def default(cls, input_shape: Sequence[int], num_outputs: int, source: str | None = None
@@ -124,6 +134,10 @@ class FeatureSchema:
         # a feature constant in training has no span to scale: allow ±max(10 % of |value|, 1)
         pad = np.where(span > 0, span * margin, np.maximum(np.abs(lo) * margin, 1.0))
         return replace(self, range_min=tuple((lo - pad).tolist()), range_max=tuple((hi + pad).tolist()))
+
+    def with_reference_from(self, x: np.ndarray) -> FeatureSchema:
+        """The training rows' mean (float64) as the version's default explanation reference."""
+        return replace(self, reference=tuple(x.astype(np.float64).mean(axis=0).tolist()))
 
     # ---- rows ------------------------------------------------------------------------------
     def row_from_object(self, obj: dict[str, Any], where: str) -> list[Any]:

@@ -96,21 +96,24 @@ class ReLUNet(nn.Module):
         h = self.run_layers(self.prepare_input(x), 0, len(self.blocks), record=structure)
         return self.finish_output(h), structure
 
-    def gated_forward(self, x: torch.Tensor, structure: Structure) -> torch.Tensor:
+    def gated_forward(self, x: torch.Tensor, structure: Structure,
+                      taps: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Forward with every ReLU replaced by the given gate and every max-pool by a gather."""
         h = self.run_layers(self.prepare_input(x), 0, len(self.blocks), structure.gates,
-                            structure.pool_indices)
+                            structure.pool_indices, taps=taps)
         return self.finish_output(h)
 
     def run_layers(self, h: torch.Tensor, start: int, stop: int, gates: list[torch.Tensor] | None = None,
-                   pools: list[torch.Tensor] | None = None, record: Structure | None = None
-                   ) -> torch.Tensor:
+                   pools: list[torch.Tensor] | None = None, record: Structure | None = None,
+                   taps: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Layers [start, stop) on ``h`` (the output of layer start − 1, or the prepared input).
 
         The one loop behind every pass: plain (ReLU and max-pool decide), recording (the same,
         appending each gate and argmax to ``record``), or gated (``gates``/``pools`` given: the
         ReLUs and max-pools of this slice, in order, are replaced by those masks and gathers).
-        Returns the output of layer stop − 1.
+        Returns the output of layer stop − 1. ``taps``, if given, receives what each structural
+        layer decides on, in order: a ReLU's input (pre-activation), a max-pool's input
+        (app.core.explain reads them for the certified radius).
         """
         outs: dict[int, torch.Tensor] = {start - 1: h}
         gi = pi = 0
@@ -123,6 +126,8 @@ class ReLUNet(nn.Module):
                                  "run this net from layer 0") from None
             h = ins[0]
             kind = layer["type"]
+            if kind in ("relu", "maxpool") and taps is not None:
+                taps.append(h)
             if kind == "relu":
                 if gates is not None:
                     h = h * gates[gi].to(h.dtype)

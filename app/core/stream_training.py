@@ -3,7 +3,7 @@
 :func:`app.core.training.train_full` shuffles an in-memory tensor; this is the same epoch
 driver (Adam, early stopping on the validation loss with the best weights restored, a cancel
 check between epochs, per-epoch metrics) for data that are read batch by batch, e.g. from the
-store (:class:`app.serving.streamed_data.StoreBatches`). The validation metrics come from a
+store (:class:`app.retrain.streamed_data.StoreBatches`). The validation metrics come from a
 callable that may stream too.
 """
 

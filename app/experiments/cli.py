@@ -58,13 +58,15 @@ def retrain(dataset: str = typer.Option("digits", help="digits | mnist5k | synth
             seeds: int = typer.Option(5, min=1),
             new_fraction: str = typer.Option("0.2,0.5", help="share(s) of train that is new data"),
             shifts: str = typer.Option("none,brightness:0.3,contrast:0.5,classfreq:0.2",
-                                       help="none | brightness:B | contrast:C | classfreq:F, comma list"),
+                                       help="none | brightness:B | contrast:C | classfreq:F | offset:B | "
+                                                 "noise:S, comma list"),
             methods: str = typer.Option(",".join(["none", "full_warm", "full_scratch", "qk_fast",
-                                                  "qk_adam", "qk_random"]), help="comma-separated"),
+                                                  "qk_adam", "qk_random", "refresh"]),
+                                        help="comma-separated"),
             epochs: int = typer.Option(30, min=1), patience: int = typer.Option(5, min=1),
             device: str = typer.Option("auto", help="auto | cpu | cuda"),
             synthetic_n: int = typer.Option(20_000, min=100)) -> None:
-    """Hypothesis 2: no retrain vs full (warm/scratch) vs QK (fast/Adam/random init), ± shift."""
+    """Hypothesis 2: no retrain vs full (warm/scratch) vs QK (fast/Adam/random init) vs refresh, ± shift."""
     _needs_experiments_extra()
     from app.core.training import TrainConfig
     from app.experiments.retrain import run_retrain
@@ -85,7 +87,12 @@ def calibrate(directory: Path = typer.Argument(..., help="directory with retrain
     """Drift signals vs the QK − full accuracy gap over retrain experiments; checks the rule."""
     _needs_experiments_extra()
     from app.experiments.calibrate import calibrate as run
+    from app.experiments.calibrate import calibrate_modes
 
     result = run(directory, tolerance / 100)
     typer.echo(f"{len(result['groups'])} settings; rule agrees in {result['agree']}; "
                f"wrote {directory}/drift_calibration.{{md,png}}")
+    modes = calibrate_modes(directory, tolerance / 100)
+    if modes["groups"]:
+        typer.echo(f"{len(modes['groups'])} settings with refresh; auto's pick within {tolerance} points of "
+                   f"the best mode in {modes['agree']}; wrote {directory}/mode_calibration.{{md,png}}")

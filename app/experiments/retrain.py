@@ -10,6 +10,14 @@ compare:
 * ``qk_fast`` — the default QK retrain (``train_qk``, solver "fast": convex readout refit);
 * ``qk_adam`` — QK retrain by Adam epochs on every estimator weight (solver "adam");
 * ``qk_random`` — QK retrain by Adam from a random estimator init (the selector stays).
+* ``refresh`` — ``mode=refresh`` (:mod:`app.core.refresh`): the lowest drifted layer (per-layer
+  firing-rate ratio of the drift report) and the readout re-learnt for a small budget, then the
+  readout refit on the new frozen structure; its wall time includes the drift measurement
+  that picks the layer.
+
+Accuracy is reported on the new distribution's test split, on the old one, and on both
+together (``test_combined_acc``: the service keeps seeing some old traffic). Each row also
+records what ``mode=auto`` would have chosen (:func:`app.core.refresh.choose_mode`).
 
 Every method uses the same data, the same validation split (early stopping / acceptance),
 the default :class:`TrainConfig`. Wall times are measured around the whole call (structure
@@ -33,6 +41,7 @@ import torch
 from app.core.data import Split, load_dataset
 from app.core.drift import structural_drift
 from app.core.network import DecoupledModel, Estimator, PathSelector, ReLUNet
+from app.core.refresh import RefreshConfig, choose_layers, choose_mode, refresh_retrain, start_net
 from app.core.spec import resolve_arch
 from app.core.training import TrainConfig, evaluate, train_full, train_qk
 from app.experiments.report import (
@@ -47,9 +56,9 @@ from app.experiments.report import (
 )
 from app.experiments.scenario import Scenario, build_scenario
 
-METHODS = ("none", "full_warm", "full_scratch", "qk_fast", "qk_adam", "qk_random")
+METHODS = ("none", "full_warm", "full_scratch", "qk_fast", "qk_adam", "qk_random", "refresh")
 COLORS = {"none": "grey", "full_warm": "tab:blue", "full_scratch": "tab:cyan", "qk_fast": "tab:red",
-          "qk_adam": "tab:orange", "qk_random": "tab:brown"}
+          "qk_adam": "tab:orange", "qk_random": "tab:brown", "refresh": "tab:green"}
 
 
 def _accuracy(forward: Callable[[torch.Tensor], torch.Tensor], split: Split) -> float:
@@ -72,8 +81,32 @@ class Curve:
         self.excluded += time.perf_counter() - t0
 
 
+def _refresh(net: ReLUNet, scenario: Scenario, cfg: TrainConfig, seed: int, curves: bool,
+             refresh: RefreshConfig) -> tuple[torch.nn.Module, float, dict[str, Any]]:
+    """``refresh``: drift (picks the layer), the refresh epochs, the readout refit; timed."""
+    test = scenario.test.to(next(net.parameters()).device)
+    model = DecoupledModel.from_net(net)
+    start = start_net(model)
+    curve = Curve(start, test) if curves else None
+    t0 = time.perf_counter()
+    drift = structural_drift(model.selector, scenario.old.x, scenario.new.x, seed=seed)
+    layers, why = choose_layers(drift.layers, refresh.layer_ratio, refresh.max_layers)
+    is_new = torch.arange(len(scenario.combined)) >= len(scenario.old)
+    on_epoch = (lambda m: curve(m) if m.get("stage") != "readout" else None) if curve else None
+    candidate, result = refresh_retrain(model, scenario.combined, scenario.val, cfg, layers, refresh,
+                                        on_epoch, is_new=is_new, start=start)
+    wall = time.perf_counter() - t0 - (curve.excluded if curve else 0.0)
+    candidate.eval()
+    points = curve.points if curve else []
+    if curves:
+        points = [*points, (wall, _accuracy(candidate, test))]
+    info = {"epochs_run": sum(1 for h in result.history if h.get("stage") != "readout"),
+            "best_epoch": result.best_epoch, "layers": layers, "layers_reason": why, "curve": points}
+    return candidate, wall, info
+
+
 def run_method(method: str, net: ReLUNet, scenario: Scenario, cfg: TrainConfig, seed: int,
-               curves: bool = True) -> dict[str, Any]:
+               curves: bool = True, refresh: RefreshConfig | None = None) -> dict[str, Any]:
     """One retrain of ``method`` on scenario.old + scenario.new; returns accuracies and times.
 
     Warm-started curves begin at (0 s, accuracy of the current net).
@@ -109,14 +142,19 @@ def run_method(method: str, net: ReLUNet, scenario: Scenario, cfg: TrainConfig, 
         wall = time.perf_counter() - t0 - (curve.excluded if curve else 0.0)
         info = {"epochs_run": len(result.history), "best_epoch": result.best_epoch,
                 "structure_s": result.structure_s, "curve": curve.points if curve else []}
+    elif method == "refresh":
+        model, wall, info = _refresh(net, scenario, cfg, seed, curves, refresh or RefreshConfig())
+        forward = model
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     model.eval()
     with torch.no_grad():
         acc, acc_old = _accuracy(forward, test), _accuracy(forward, test_old)
-    if method in ("full_warm", "qk_fast", "qk_adam") and curves:
+        acc_both = _accuracy(forward, Split.concat([test, test_old]))
+    if method in ("full_warm", "qk_fast", "qk_adam", "refresh") and curves:
         info["curve"] = [(0.0, _accuracy(net, test)), *info["curve"]]
-    return {"method": method, "test_acc": acc, "test_old_acc": acc_old, "wall_s": wall, **info}
+    return {"method": method, "test_acc": acc, "test_old_acc": acc_old, "test_combined_acc": acc_both,
+            "wall_s": wall, **info}
 
 
 def train_old(data_old: Split, val: Split, spec, cfg: TrainConfig, seed: int) -> ReLUNet:
@@ -153,7 +191,8 @@ def run_retrain(dataset: str, arch: str, seeds: int, new_fractions: list[float],
                 drift = structural_drift(PathSelector(net), scenario.old.x, scenario.new.x, seed=seed)
                 row: dict[str, Any] = {"seed": seed, "new_fraction": nf, "shift": shift,
                                        "n_old": len(scenario.old), "n_new": len(scenario.new),
-                                       "drift": drift.to_dict(), "methods": {}}
+                                       "drift": drift.to_dict(), "methods": {},
+                                       "auto": choose_mode(drift.to_dict())[0]}
                 for method in methods:
                     row["methods"][method] = run_method(method, net, scenario, cfg_s, seed)
                 runs.append(row)
@@ -187,6 +226,8 @@ def summarise(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
             entry["methods"][m] = {
                 "test_acc": mean_std(acc), "test_old_acc": mean_std([r["methods"][m]["test_old_acc"]
                                                                     for r in rows]),
+                "test_combined_acc": mean_std([r["methods"][m].get("test_combined_acc", float("nan"))
+                                               for r in rows]),
                 "wall_s": mean_std([r["methods"][m]["wall_s"] for r in rows])}
             if "full_warm" in methods and m != "full_warm":
                 diff = [r["methods"][m]["test_acc"] - r["methods"]["full_warm"]["test_acc"] for r in rows]
@@ -198,6 +239,10 @@ def summarise(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
         for key in ("nn_ratio", "far_fraction", "rate_ratio", "volume_ratio"):
             entry[key] = mean_std([r["drift"][key] for r in rows])
         entry["recommend_full_votes"] = sum(bool(r["drift"]["recommend_full"]) for r in rows)
+        layer_ratios = [[float(x["rate_ratio"]) for x in r["drift"].get("layers", [])] for r in rows]
+        entry["layer_rate_ratios"] = [float(np.mean(col)) for col in zip(*layer_ratios, strict=True)]
+        autos = [r.get("auto", "") for r in rows]
+        entry["auto"] = max(set(autos), key=autos.count)  # the majority over seeds
         out.append(entry)
     return out
 
@@ -269,19 +314,26 @@ def summary_table(payload: dict[str, Any]) -> str:
     """One row per (share of new data, shift): accuracy of every method, QK gap, speed, drift."""
     methods = payload["methods"]
     head = ["new", "shift", *methods]
-    if "qk_fast" in methods and "full_warm" in methods:
-        head += ["QK fast − full warm (paired)", "QK fast speed (median of seeds)"]
-    head += ["rate_ratio", "volume"]
+    versus = [m for m in ("qk_fast", "refresh") if m in methods and "full_warm" in methods]
+    for m in versus:
+        head += [f"{m} − full warm (paired)", f"{m} speed (median of seeds)"]
+    if "refresh" in methods:
+        head += ["refresh combined", "full warm combined", "QK combined"]
+    head += ["rate_ratio (per layer)", "volume", "auto"]
     rows = []
     for entry in payload["summary"]:
         e = entry["methods"]
         row = [f"{entry['new_fraction']:g}", entry["shift"]]
         row += [f"{100 * e[m]['test_acc'][0]:.2f} ± {100 * e[m]['test_acc'][1]:.2f}" for m in methods]
-        if "qk_fast" in methods and "full_warm" in methods:
-            d = e["qk_fast"]["delta_vs_full_warm"]
-            row += [f"{100 * d[0]:+.2f} ± {100 * d[1]:.2f}",
-                    f"{e['qk_fast']['speed_vs_full_warm']:.0f}×"]
-        row += [f"{entry['rate_ratio'][0]:.1f}", f"{entry['volume_ratio'][0]:.2f}"]
+        for m in versus:
+            d = e[m]["delta_vs_full_warm"]
+            row += [f"{100 * d[0]:+.2f} ± {100 * d[1]:.2f}", f"{e[m]['speed_vs_full_warm']:.1f}×"]
+        if "refresh" in methods:
+            row += [f"{100 * e[m]['test_combined_acc'][0]:.2f}" if m in e else "–"
+                    for m in ("refresh", "full_warm", "qk_fast")]
+        per_layer = "/".join(f"{v:.1f}" for v in entry.get("layer_rate_ratios", []))
+        row += [f"{entry['rate_ratio'][0]:.1f}" + (f" ({per_layer})" if per_layer else ""),
+                f"{entry['volume_ratio'][0]:.2f}", entry.get("auto", "")]
         rows.append(row)
     return markdown_table(head, rows)
 
@@ -301,9 +353,10 @@ def markdown(payload: dict[str, Any], plots: list[str]) -> str:
             speed = f"{e['speed_vs_full_warm']:.1f}×" if m != "none" and "speed_vs_full_warm" in e else "–"
             delta = e.get("delta_vs_full_warm")
             rows.append([m, f"{100 * e['test_acc'][0]:.2f} ± {100 * e['test_acc'][1]:.2f}",
-                         f"{100 * e['test_old_acc'][0]:.2f}", f"{t:.2f}", speed,
+                         f"{100 * e['test_old_acc'][0]:.2f}", f"{100 * e['test_combined_acc'][0]:.2f}",
+                         f"{t:.2f}", speed,
                          f"{100 * delta[0]:+.2f} ± {100 * delta[1]:.2f}" if delta else "–"])
-        lines.append(markdown_table(["method", "test acc % (new dist.)", "old test %", "wall s",
+        lines.append(markdown_table(["method", "test acc % (new dist.)", "old test %", "combined %", "wall s",
                                      "speed vs full_warm", "Δ vs full_warm (paired)"], rows))
         lines.append(f"\ndrift: nn_ratio {entry['nn_ratio'][0]:.2f}, far_fraction "
                      f"{entry['far_fraction'][0]:.2f}, rate_ratio {entry['rate_ratio'][0]:.1f}, volume_ratio "

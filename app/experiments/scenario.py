@@ -10,6 +10,10 @@ arrived since, optionally drawn from a shifted distribution:
 * ``contrast:C`` — images only: ``clip(C·x, 0, 1)`` (C < 1 fades the strokes).
 * ``classfreq:F`` — label shift: a new sample of class ≥ K/2 is kept with probability F, so
   the new data over-represents the lower half of the classes.
+* ``offset:B`` — synthetic only: the first quarter of the features drawn from ``N(B, 1)``, the
+  rest unchanged (a sensor re-calibrated: a partial offset shift), same teacher.
+* ``noise:S`` — images only: ``clip(x + S·ε, 0, 1)`` with ε ~ N(0, 1) per pixel (a noisier
+  camera: the background's units fire at new rates, the strokes stay).
 
 The validation split mixes old and new distribution in the proportion n : m (an operator's
 holdout holds recent traffic too); ``test`` follows the new distribution, ``test_old`` is the
@@ -25,7 +29,7 @@ import torch
 
 from app.core.data import Dataset, Split, synthetic_arrays
 
-SHIFT_KINDS = ("none", "brightness", "contrast", "classfreq")
+SHIFT_KINDS = ("none", "brightness", "contrast", "classfreq", "offset", "noise")
 
 
 @dataclass
@@ -48,7 +52,8 @@ def parse_shift(shift: str) -> tuple[str, float]:
     kind, _, value = shift.partition(":")
     kind = kind.strip() or "none"
     if kind not in SHIFT_KINDS:
-        raise ValueError(f"unknown shift {shift!r}; use none, brightness:B, contrast:C or classfreq:F")
+        raise ValueError(f"unknown shift {shift!r}; use none, brightness:B, contrast:C, classfreq:F, "
+                         "offset:B (synthetic) or noise:S (images)")
     if kind == "none":
         return kind, 0.0
     try:
@@ -64,7 +69,10 @@ def _class_filter(split: Split, keep_high: float, num_classes: int, seed: int) -
     return split.subset(torch.from_numpy(np.flatnonzero(keep)))
 
 
-def _image_transform(kind: str, value: float, x: torch.Tensor) -> torch.Tensor:
+def _image_transform(kind: str, value: float, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    if kind == "noise":
+        gen = torch.Generator().manual_seed(seed)
+        return (x + value * torch.randn(x.shape, generator=gen)).clamp(0.0, 1.0)
     if kind == "brightness":
         return (x + value).clamp(0.0, 1.0)
     if kind == "contrast":
@@ -72,9 +80,10 @@ def _image_transform(kind: str, value: float, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _synthetic_like(split: Split, value: float, seed: int, num_classes: int) -> Split:
-    x, y = synthetic_arrays(len(split), dim=split.x.shape[1], num_classes=num_classes, seed=seed,
-                            shift=value)
+def _synthetic_like(split: Split, value: float, seed: int, num_classes: int, partial: bool = False) -> Split:
+    dim = split.x.shape[1]
+    shift = np.where(np.arange(dim) < max(1, dim // 4), value, 0.0).astype(np.float32) if partial else value
+    x, y = synthetic_arrays(len(split), dim=dim, num_classes=num_classes, seed=seed, shift=shift)
     return Split(torch.from_numpy(x), torch.from_numpy(y))
 
 
@@ -86,10 +95,13 @@ def shift_split(split: Split, shift: str, dataset: str, num_classes: int, seed: 
     if kind == "classfreq":
         return _class_filter(split, value, num_classes, seed)
     if dataset == "synthetic":
-        if kind != "brightness":
-            raise ValueError("synthetic data supports the shifts none, brightness:B and classfreq:F")
-        return _synthetic_like(split, value, seed, num_classes)
-    return Split(_image_transform(kind, value, split.x), split.y)
+        if kind not in ("brightness", "offset"):
+            raise ValueError("synthetic data supports the shifts none, brightness:B, offset:B and "
+                             "classfreq:F")
+        return _synthetic_like(split, value, seed, num_classes, partial=kind == "offset")
+    if kind == "offset":
+        raise ValueError("offset:B is a synthetic-data shift; images take brightness:B or noise:S")
+    return Split(_image_transform(kind, value, split.x, seed), split.y)
 
 
 def build_scenario(data: Dataset, new_fraction: float = 0.2, shift: str = "none", seed: int = 0

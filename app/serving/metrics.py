@@ -20,7 +20,7 @@ from app.serving.multiproc_metrics import ProcessFiles, forget_dead_processes, m
 from app.serving.scrape_gauges import ScrapeGauge
 
 if TYPE_CHECKING:
-    from app.serving.retrain_stats import RetrainStats
+    from app.storage.job_stats import RetrainStats
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -85,7 +85,7 @@ class ServingMetrics:
             "skqk_model_holdout", "holdout metrics of the served version (classification: acc, loss; "
             "regression: rmse, mae, r2, loss)", ["metric"], registry=r, multiprocess_mode="livemostrecent")
         # retrain gauges: read from the SQL job table when /metrics is scraped, so every
-        # replica exports the same numbers whoever ran the job (app/serving/retrain_stats.py)
+        # replica exports the same numbers whoever ran the job (app/storage/job_stats.py)
         self.retrain_jobs = ScrapeGauge(
             "skqk_retrain_jobs_total", "retrain jobs in the job table by mode (the one that ran; auto "
             "while not chosen yet) and outcome (queued|running|promoted|rejected|failed|cancelled); "

@@ -145,7 +145,7 @@ def downgrade_to(engine: Engine, revision: str) -> None:
 
 def main() -> None:
     from app.settings import Settings
-    from app.storage.store import make_engine
+    from app.storage.connection import make_engine
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine = make_engine(Settings().resolved_database_url)

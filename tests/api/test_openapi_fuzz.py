@@ -156,14 +156,19 @@ def _reach_the_model(case: Any) -> None:
     if meta is None or meta.generation.mode is not GenerationMode.POSITIVE or type(case.body) is not dict:
         return
     path = case.operation.path
-    if path == "/predict" and type(case.body.get("inputs")) is list:
+    if path in ("/predict", "/explain") and type(case.body.get("inputs")) is list:
         case.body["inputs"] = [_widen(r) for r in case.body["inputs"]]
+    elif path.endswith(":explain"):
+        for key in ("instances", "inputs"):
+            if type(case.body.get(key)) is list:
+                case.body[key] = [_widen(r) for r in case.body[key]]
     elif path == "/ingest" and type(case.body.get("samples")) is list:
         for sample in case.body["samples"]:
             if type(sample) is dict:
                 sample["features"] = _widen(sample.get("features"))
                 sample["label"] = _class(sample.get("label"))
-    elif path.endswith("/infer") and type(case.body.get("inputs")) is list and len(case.body["inputs"]) == 1:
+    elif (path.endswith(("/infer", "/explain")) and type(case.body.get("inputs")) is list
+          and len(case.body["inputs"]) == 1):
         tensor = case.body["inputs"][0]
         if type(tensor) is dict and _widen(tensor.get("data")) is not tensor.get("data"):
             tensor.update(data=_widen(tensor["data"]), shape=[1, D], datatype="FP32")

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.serving.splits import split_masks
+from app.core.splits import split_masks
 from app.storage import Store
 from tests.helpers.server import API_KEY, ServerProcess, wait_job
 

@@ -1,4 +1,4 @@
-"""app.datafiles: round trips, column choice, chunk boundaries, exact bad-row reports, bounded memory."""
+"""app.intake.files: round trips, column choice, chunk boundaries, exact bad-row reports, bounded memory."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from app.datafiles import (
+from app.intake.files import (
     Chunk,
     DataFileError,
     csv_reader,
@@ -478,6 +478,6 @@ def test_npz_streams(tmp_path: Path) -> None:
 
 
 def test_import_does_not_load_torch_or_pandas() -> None:
-    code = "import sys, app.datafiles; print(sorted({'torch', 'pandas'} & set(sys.modules)))"
+    code = "import sys, app.intake.files; print(sorted({'torch', 'pandas'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

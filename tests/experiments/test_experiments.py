@@ -64,3 +64,37 @@ def test_scenarios_split_and_shift():
     shifted = build_scenario(syn, 0.5, "brightness:1.0", 0)
     assert abs(float(shifted.new.x.mean()) - 1.0) < 0.1  # N(1, 1) inputs, teacher labels
     assert parse_shift("contrast:0.5") == ("contrast", 0.5)
+
+
+def test_retrain_with_refresh_writes_combined_accuracy_auto_and_mode_calibration(tmp_path):
+    res = runner.invoke(experiment_app, [
+        "retrain", "--dataset", "digits", "--arch", "mlp:32", "--seeds", "1", "--new-fraction", "0.2",
+        "--shifts", "none,noise:0.3", "--methods", "none,full_warm,qk_fast,refresh",
+        "--epochs", "2", "--patience", "1", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    payload = json.loads((tmp_path / "retrain_digits_mlp-64-32-10.json").read_text())
+    for run in payload["runs"]:
+        refresh = run["methods"]["refresh"]
+        assert 0 < refresh["test_acc"] <= 1 and 0 < refresh["test_combined_acc"] <= 1
+        assert refresh["wall_s"] > 0
+        assert refresh["layers"] and refresh["curve"][-1][1] == refresh["test_acc"]
+        assert run["auto"] in ("qk", "refresh", "full")
+        assert len(run["drift"]["layers"]) == 1 and run["drift"]["layers"][0]["param_layer"] == 0
+    assert "refresh − full warm (paired)" in (tmp_path / "retrain_digits_mlp-64-32-10.md").read_text()
+    res = runner.invoke(experiment_app, ["calibrate", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    table = (tmp_path / "mode_calibration.md").read_text()
+    assert table.count("| digits / mlp:64-32-10 |") == 2 and (tmp_path / "mode_calibration.png").exists()
+
+
+def test_offset_and_noise_shifts():
+    syn = load_dataset("synthetic", seed=0, synthetic_n=800)
+    shifted = build_scenario(syn, 0.5, "offset:2.0", 0)
+    quarter = syn.train.x.shape[1] // 4
+    assert abs(float(shifted.new.x[:, :quarter].mean()) - 2.0) < 0.15  # the first quarter moved
+    assert abs(float(shifted.new.x[:, quarter:].mean())) < 0.1  # the rest did not
+    digits = load_dataset("digits", seed=0)
+    noisy = build_scenario(digits, 0.25, "noise:0.2", 0)
+    assert float(noisy.new.x.min()) >= 0.0 and float(noisy.new.x.max()) <= 1.0
+    assert not torch.equal(noisy.new.x, build_scenario(digits, 0.25, "none", 0).new.x)
+    assert parse_shift("offset:1.5") == ("offset", 1.5) and parse_shift("noise:0.2") == ("noise", 0.2)

@@ -26,7 +26,7 @@ def close(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def test_import_onnx_resnet_serve_export_retrain(tmp_path: Path) -> None:
-    from app.importers.onnx_import import run_onnx
+    from app.intake.networks.onnx_import import run_onnx
 
     x, y = teacher_data(700, seed=0)
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def test_import_onnx_resnet_serve_export_retrain(tmp_path: Path) -> None:
 
 
 def test_import_pt2_mlp_without_data(tmp_path: Path) -> None:
-    from app.importers.torch_export_import import run_pt2
+    from app.intake.networks.torch_export_import import run_pt2
 
     torch.manual_seed(0)
     net = train_briefly(mlp_net(), torch.randn(64, 12), torch.randint(0, 3, (64,)))
@@ -130,8 +130,8 @@ def test_every_net_and_format_served_exactly_exported_and_retrained(tmp_path: Pa
                                                                    fmt: str) -> None:
     """Each test net × format over HTTP: /predict ≤ 1e-4 of the source, the exported ONNX of the
     served version equal to /predict, then ingest → QK retrain → promoted → served."""
-    from app.importers.onnx_import import run_onnx
-    from app.importers.torch_export_import import run_pt2
+    from app.intake.networks.onnx_import import run_onnx
+    from app.intake.networks.torch_export_import import run_pt2
     from tests.importers.nets import trained
 
     net, shape = trained(name)

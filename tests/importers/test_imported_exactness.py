@@ -8,7 +8,7 @@ import torch
 from app.core.data import Split
 from app.core.network import DecoupledModel, Estimator, PathSelector
 from app.core.training import TrainConfig, train_qk
-from app.importers.onnx_import import import_onnx
+from app.intake.networks.onnx_import import import_onnx
 from tests.importers.nets import trained
 
 

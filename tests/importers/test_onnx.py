@@ -13,9 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from app.core.network import DecoupledModel
-from app.importers import ImportedNetwork, UnsupportedModel
-from app.importers.onnx_export import export_onnx
-from app.importers.onnx_import import import_onnx, run_onnx
+from app.intake.networks import ImportedNetwork, UnsupportedModel
+from app.intake.networks.onnx_export import export_onnx
+from app.intake.networks.onnx_import import import_onnx, run_onnx
 from tests.importers.nets import NETS, trained
 
 

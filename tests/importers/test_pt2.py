@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from app.core.network import DecoupledModel
-from app.importers import UnsupportedModel
-from app.importers.torch_export_import import import_pt2, run_pt2
+from app.intake.networks import UnsupportedModel
+from app.intake.networks.torch_export_import import import_pt2, run_pt2
 from tests.importers.nets import NETS, trained
 
 

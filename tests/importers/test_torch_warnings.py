@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from app.importers.torch_warnings import torch_deprecations_once
+from app.intake.networks.torch_warnings import torch_deprecations_once
 
 TORCH_FILE = os.path.join(os.path.dirname(torch.__file__), "fx", "experimental", "symbolic_shapes.py")
 

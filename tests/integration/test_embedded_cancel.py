@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from app.serving.runner import EmbeddedRunner
+from app.retrain.embedded_runner import EmbeddedRunner
 from app.storage import Store
 from tests.conftest import ServerFactory, fast_settings
 from tests.helpers.server import API_KEY, wait_job

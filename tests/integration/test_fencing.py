@@ -17,9 +17,9 @@ import redis
 from sqlalchemy import update
 
 from app.distributed import GPU_QUEUE, LOCK_NAME, RetrainLock, redis_client
-from app.serving.celery_runner import CeleryRunner
-from app.serving.runner import RetrainInProgress
-from app.serving.worker_presence import beat
+from app.retrain.celery_runner import CeleryRunner
+from app.retrain.protocol import RetrainInProgress
+from app.retrain.worker_presence import beat
 from app.settings import get_settings
 from app.storage import Store
 from app.storage.schema import retrain_jobs
@@ -105,7 +105,7 @@ def test_delivery_whose_lock_belongs_to_another_job_does_nothing(env):
 
 def test_worker_that_loses_the_lock_while_training_does_not_promote(env):
     store, client = env
-    from app.serving.retrain_job import run_retrain_job
+    from app.retrain.job import run_retrain_job
 
     lock = RetrainLock(client, 30)
     assert lock.acquire("job-a")
@@ -121,7 +121,7 @@ def test_worker_that_loses_the_lock_while_training_does_not_promote(env):
 
 def test_stale_champion_is_not_overwritten(env):
     store, _client = env
-    from app.serving.retrain_job import run_retrain_job
+    from app.retrain.job import run_retrain_job
 
     store.create_job("job-stale", "qk", runner="celery")
     champion = store.active_version()

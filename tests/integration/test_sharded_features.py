@@ -13,7 +13,7 @@ from celery import Celery
 from sklearn.datasets import load_digits
 
 from app.distributed import GPU_QUEUE, RETRAIN_TASK
-from app.serving.retrain_job import run_retrain_job
+from app.retrain.job import run_retrain_job
 from app.storage import Store
 from tests.conftest import fast_settings
 from tests.integration.conftest import initialised_deployment, wait_until

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from app.serving.retrain_job import run_retrain_job
+from app.retrain.job import run_retrain_job
 from app.settings import Settings
 from app.storage import SampleSelection, Store
 from tests.conftest import fast_settings
@@ -129,9 +129,9 @@ def test_drift_on_rows_fetched_by_id_equals_drift_on_everything(sqlite_store: St
     import torch
 
     from app.core.drift import structural_drift
+    from app.retrain.job import selector_drift
+    from app.retrain.sample_stream import DataWindow
     from app.serving.models import load_model
-    from app.serving.retrain_job import selector_drift
-    from app.serving.sample_stream import DataWindow
 
     origin_watermark = sqlite_store.get_version(1, weights=False).data_watermark
     sqlite_store.ingest(np.clip(X[:400] + 0.3, 0, 1), DIGITS.target[:400])  # brighter: drifted

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 from sklearn.datasets import load_digits
 
-from app.serving.qk_refit import budget_weights, refit_summary
-from app.serving.retrain_job import run_retrain_job
-from app.serving.sample_stream import TRAIN, VAL
+from app.retrain.job import run_retrain_job
+from app.retrain.qk_refit import budget_weights, refit_summary
+from app.retrain.sample_stream import TRAIN, VAL
 from app.settings import Settings
 from app.storage import Store
 

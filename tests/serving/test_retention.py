@@ -14,9 +14,9 @@ import pytest
 from sklearn.datasets import load_digits
 from sqlalchemy import update
 
-from app.serving.retrain_job import run_retrain_job
-from app.serving.sample_stream import retention_floor
-from app.serving.splits import split_masks
+from app.core.splits import split_masks
+from app.retrain.job import run_retrain_job
+from app.retrain.sample_stream import retention_floor
 from app.settings import Settings
 from app.storage import Store
 from app.storage.schema import samples

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from app.serving.retrain_job import choose_mode, run_retrain_job
-from app.serving.retrain_plan import plan_retrain
+from app.retrain.job import choose_mode, run_retrain_job
+from app.retrain.plan import plan_retrain
 from app.settings import Settings
 from app.storage import SampleSelection, Store
 
@@ -67,13 +67,18 @@ def test_auto_runs_full_when_the_new_data_rivals_the_old(sqlite_store: Store, se
     assert job.progress["epochs"] == settings.retrain_epochs and job.progress["epoch"] >= 1
 
 
-@pytest.mark.parametrize(("drift", "mode"), [
-    (None, "qk"),
-    ({"recommend_full": False, "reason": "not enough new data to judge drift: 3 new samples"}, "qk"),
-    ({"recommend_full": True, "reason": "rate_ratio 5.00 > 3.0"}, "full"),
+def _signals(**over: object) -> dict:
+    return {"rate_ratio": 1.0, "nn_ratio": 1.0, "far_fraction": 0.05, "volume_ratio": 0.1, "judged": True,
+            "layers": [{"layer": 1, "param_layer": 0, "rate_ratio": 1.0}], **over}
+
+
+@pytest.mark.parametrize(("drift", "mode", "says"), [
+    (None, "qk", "no drift"),
+    (_signals(judged=False, rate_ratio=9.0, reason="not enough new data to judge drift: 3 new samples"), "qk",
+     "not enough new data to judge drift: 3 new samples"),
+    (_signals(rate_ratio=5.0, reason="rate_ratio 5.00 > 3.0"), "refresh", "rate_ratio 5.00 > 3.0"),
+    (_signals(volume_ratio=0.5, reason="volume_ratio 0.50 > 0.3"), "full", "volume_ratio 0.50 > 0.3"),
 ])
-def test_choose_mode(drift: dict | None, mode: str) -> None:
+def test_choose_mode(drift: dict | None, mode: str, says: str) -> None:
     chosen, why = choose_mode(drift)
-    assert chosen == mode and why.startswith(f"auto: {mode}")
-    if drift:
-        assert drift["reason"] in why
+    assert chosen == mode and why.startswith(f"auto: {mode}") and says in why, why

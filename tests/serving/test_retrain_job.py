@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.serving.retrain_job import RetrainError, corrupt_estimator, run_retrain_job
-from app.serving.splits import split_masks
+from app.core.splits import split_masks
+from app.retrain.job import RetrainError, corrupt_estimator, run_retrain_job
 from app.settings import Settings
 from app.storage import Store
 

@@ -7,12 +7,9 @@ import time
 
 import pytest
 
-from app.serving.runner import (
-    EmbeddedRunner,
-    RetrainInProgress,
-    RetrainRunner,
-    build_runner,
-)
+from app.retrain.embedded_runner import EmbeddedRunner
+from app.retrain.protocol import RetrainInProgress, RetrainRunner
+from app.retrain.runners import build_runner
 from app.settings import Settings
 from app.storage import JobRecord, Store
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.samples_cli import cli_actor
+from app.cli.samples import cli_actor
 from app.storage import Store, open_store
 from tests.helpers.server import REPO, fast_env
 

@@ -4,7 +4,7 @@ label set that has gone (a queued job now running) leaves the exposition."""
 from __future__ import annotations
 
 from app.serving.metrics import ServingMetrics
-from app.serving.retrain_stats import RetrainStats
+from app.storage.job_stats import RetrainStats
 
 DRIFT = {"nn_ratio": 1.0, "far_fraction": 0.05, "rate_ratio": 1.0, "volume_ratio": 0.5}
 
