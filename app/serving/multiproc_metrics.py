@@ -167,11 +167,11 @@ def prepare_workers(workers: int) -> str | None:
     Uses ``PROMETHEUS_MULTIPROC_DIR`` when set (emptied: files of an earlier run would add up),
     else a fresh temporary directory. Returns the directory to remove after the run, if ours.
     """
-    if workers <= 1:
-        return None
     path = os.environ.get(ENV)
-    if path:
+    if path:  # the operator's (even with one worker): files of an earlier run would add up
         reset_dir(path)
+        return None
+    if workers <= 1:
         return None
     import tempfile
 
