@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     input_range: Literal["off", "warn", "reject"] = Field(
         "warn", description="per-feature ranges of the schema: off | warn (predict: serve and count; "
                             "ingest: refuse) | reject (refuse everywhere)")
+    unknown_category: Literal["ignore", "reject"] = Field(
+        "ignore", description="a category the version's vocabulary lacks, at predict: ignore (encoded as "
+                              "none of the known, counted in skqk_unknown_categories_total) | reject (422)")
+    bootstrap_categorical: str | None = Field(None, description="bootstrap from a file: columns a,b read "
+                                                                "as categories (like init --categorical)")
+    bootstrap_numeric: str | None = Field(None, description="bootstrap from a file: columns read as numbers")
+    bootstrap_drop: str | None = Field(None, description="bootstrap from a file: columns left out")
 
     # ---- retraining ------------------------------------------------------------------------
     retrain_epochs: int = Field(20, ge=1, description="full retrains: at most this many epochs "

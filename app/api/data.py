@@ -18,6 +18,7 @@ from app.api.errors import ApiError, FastJSONResponse, parse_body
 from app.api.rows import parse_labels, parse_rows, parse_targets
 from app.api.schemas import IngestRequest
 from app.api.state import AppState, get_state, require_ingest_key, store_unavailable
+from app.api.table_rows import parse_table_rows
 from app.core.features import FeatureSchema
 from app.storage import IdempotencyConflict
 
@@ -44,12 +45,17 @@ def _ingest(st: AppState, body: bytes) -> dict[str, object]:
     if not req.samples:
         raise ApiError(422, "samples: must contain at least one sample")
     schema = st.require_model().schema
-    x = parse_rows([s.features for s in req.samples], schema, _features_at, "samples")
+    raw = None
+    if schema.encoding is not None:  # raw table rows: stored as they came (unknown categories too)
+        rows = parse_table_rows([s.features for s in req.samples], schema, _features_at, "samples")
+        x, raw = rows.x, rows.raw_json()
+    else:
+        x = parse_rows([s.features for s in req.samples], schema, _features_at, "samples")
     y = _labelled([s.label for s in req.samples], schema)
     # out-of-range rows are never stored unless the check is off (warn refuses here)
     st.check_ranges(schema, x, "ingest", _features_at, refuse=True)
     try:
-        result = st.store.ingest(x, idempotency_key=req.idempotency_key, **y)
+        result = st.store.ingest(x, idempotency_key=req.idempotency_key, raw=raw, **y)
     except IdempotencyConflict as exc:
         st.metrics.ingest_requests.labels("conflict").inc()
         raise ApiError(409, f"idempotency_key: {exc}") from None

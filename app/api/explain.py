@@ -29,6 +29,8 @@ from app.api.inference import _check_name, _loaded_version, _v2_input
 from app.api.rows import json_kind, parse_rows
 from app.api.schemas import V2InferRequest
 from app.api.state import AppState, get_state, require_predict_key
+from app.api.table_rows import parse_table_rows
+from app.api.v2_table import v2_table_rows
 from app.core.explain import cost_per_row
 from app.core.features import FeatureSchema
 from app.serving.explaining import Explained, ExplainInputError, compute, named_reference, resolve_outputs
@@ -39,6 +41,16 @@ router = APIRouter()
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
+
+
+def client_rows(st: AppState, loaded: LoadedModel, rows: Any, where: Any, field: str) -> np.ndarray:
+    """Rows as /predict takes them → the network's input; a table's raw rows (text, booleans,
+    nulls) go through its encoding, unknown categories as ``SKQK_UNKNOWN_CATEGORY`` says."""
+    if loaded.schema.encoding is None:
+        return parse_rows(rows, loaded.schema, where, field)
+    parsed = parse_table_rows(rows, loaded.schema, where, field)
+    st.check_unknown(parsed, "explain", where)
+    return parsed.x
 
 def _pool(threads: int) -> ThreadPoolExecutor:
     global _executor
@@ -57,7 +69,10 @@ def resolve_reference(value: Any, loaded: LoadedModel, field: str) -> tuple[np.n
         return named_reference(value, loaded.schema, loaded.spec, field)
     if type(value) not in (list, dict):
         raise ApiError(422, f'{field}: expected "mean", "zero" or a row, got {json_kind(value)}')
-    row = parse_rows([value], loaded.schema, lambda _i: field, field)
+    if loaded.schema.encoding is not None:  # a raw table row, encoded like the inputs
+        row = parse_table_rows([value], loaded.schema, lambda _i: field, field).x
+    else:
+        row = parse_rows([value], loaded.schema, lambda _i: field, field)
     return row[0].astype(np.float64), "client"
 
 
@@ -145,7 +160,7 @@ async def explain(request: Request) -> Response:
     st = get_state(request)
     req = parse_body(ExplainRequest, await request.body())
     loaded = st.require_model()  # pinned: this version parses, explains and formats the answer
-    x = parse_rows(req.inputs, loaded.schema, lambda i: f"inputs[{i}]", "inputs")
+    x = client_rows(st, loaded, req.inputs, lambda i: f"inputs[{i}]", "inputs")
     e = await explain_rows(st, loaded, x, req.reference, req.outputs, radius=req.radius)
     return FastJSONResponse(explain_body(e))
 
@@ -162,7 +177,7 @@ async def kserve_explain(name: str, request: Request) -> Response:
     field = "instances" if req.instances is not None else "inputs"
     rows = req.instances if req.instances is not None else req.inputs
     loaded = st.require_model()
-    x = parse_rows(rows or [], loaded.schema, lambda i: f"{field}[{i}]", field)
+    x = client_rows(st, loaded, rows or [], lambda i: f"{field}[{i}]", field)
     e = await explain_rows(st, loaded, x, req.reference, req.outputs, field, radius=req.radius)
     predictions, explanations = row_explanations(e)
     return FastJSONResponse({"predictions": predictions, "explanations": explanations,
@@ -207,7 +222,12 @@ async def _v2_explain(request: Request, name: str, version: str | None) -> Respo
     loaded = st.require_model() if version is None else await _loaded_version(st, name, version)
     if any(t.parameters and "binary_data_size" in t.parameters for t in req.inputs):
         raise ApiError(422, "inputs: the explain extension takes JSON tensor data only")
-    x = _v2_input(req, loaded, [None] * len(req.inputs))
+    if loaded.schema.encoding is not None:  # one tensor per column, text as BYTES
+        rows = v2_table_rows(req.inputs, loaded.schema, [None] * len(req.inputs))
+        st.check_unknown(rows, "v2", lambda r: f"inputs (row {r})")
+        x = rows.x
+    else:
+        x = _v2_input(req, loaded, [None] * len(req.inputs))
     params = req.parameters or {}
     radius = params.get("radius", True)
     if type(radius) is not bool:

@@ -19,6 +19,7 @@ from app.api.errors import ApiError, FastJSONResponse, parse_body
 from app.api.rows import parse_rows, schema_error, values_to_float32
 from app.api.schemas import PredictRequest, V2InferRequest, V2Tensor
 from app.api.state import AppState, check_float32, get_state, require_predict_key, store_unavailable
+from app.api.table_rows import parse_table_rows
 from app.api.v2_binary import (
     BinaryAnswer,
     binary_outputs,
@@ -33,6 +34,7 @@ from app.api.v2_binary import (
     names_bytes,
     split_body,
 )
+from app.api.v2_table import input_metadata, v2_table_rows
 from app.core.features import FeatureSchema, SchemaError
 from app.serving.batcher import Float32Overflow, InferenceResult
 from app.serving.holder import LoadedModel
@@ -78,9 +80,14 @@ def _plain_rows(body: bytes, width: int) -> np.ndarray | None:
     return np.array(rows)  # float64 holds any number the decoder accepts
 
 
-def _validated_rows(body: bytes, loaded: LoadedModel) -> np.ndarray:
+def _validated_rows(body: bytes, loaded: LoadedModel, st: AppState | None = None) -> np.ndarray:
     """The validating way: named rows, and a 4xx naming the field for anything wrong."""
     req = parse_body(PredictRequest, body)
+    if loaded.schema.encoding is not None:  # raw table rows: text, booleans, nulls
+        rows = parse_table_rows(req.inputs, loaded.schema, _input_row, "inputs")
+        if st is not None:
+            st.check_unknown(rows, "predict", _input_row)
+        return rows.x
     return parse_rows(req.inputs, loaded.schema, _input_row, "inputs")
 
 
@@ -114,9 +121,10 @@ def check_finite_outputs(result: InferenceResult, where: Callable[[int], str]) -
 async def predict_payload(st: AppState, body: bytes) -> dict[str, Any]:
     """POST /predict: the whole request → answer step (raises ApiError for client errors)."""
     loaded = st.require_model()
-    x = _plain_rows(body, loaded.input_dim)
+    # the cheap parse is for plain numeric models only: encoded ones take raw table rows
+    x = _plain_rows(body, loaded.input_dim) if loaded.schema.encoding is None else None
     if x is None:  # named rows, or something to report
-        x = _validated_rows(body, loaded)
+        x = _validated_rows(body, loaded, st)
     st.check_ranges(loaded.schema, x, "predict", _input_row, refuse=False)
     # pinned to the version the rows were checked against (its feature order, its classes)
     try:
@@ -185,6 +193,8 @@ def _output_metadata(schema: FeatureSchema) -> list[dict[str, Any]]:
 def _model_parameters(schema: FeatureSchema) -> dict[str, Any]:
     """What the tensors mean: feature names (also the names of per-feature input tensors)."""
     params: dict[str, Any] = {"feature_names": list(schema.feature_names), "task": schema.task}
+    if schema.encoding is not None:  # the columns clients send, with their types and vocabularies
+        params["columns"] = schema.encoding.to_list()
     if schema.is_regression:
         params["target_names"] = list(schema.target_names)
     else:
@@ -194,7 +204,9 @@ def _model_parameters(schema: FeatureSchema) -> dict[str, Any]:
 
 def _tensor_metadata(loaded: LoadedModel) -> dict[str, Any]:
     schema = loaded.schema
-    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *schema.input_shape]}],
+    inputs = (input_metadata(schema) if schema.encoding is not None else
+              [{"name": "input", "datatype": "FP32", "shape": [-1, *schema.input_shape]}])
+    return {"inputs": inputs,
             "outputs": _output_metadata(schema), "parameters": _model_parameters(schema)}
 
 
@@ -423,7 +435,12 @@ async def v2_infer_payload(st: AppState, body: bytes, name: str, version: str | 
         if out_name not in names:
             raise ApiError(422, f"outputs[{i}].name: unknown output {out_name!r}; have {list(names)}")
     binary = binary_outputs(req, len(wanted))
-    x = _v2_input(req, loaded, raw)
+    if loaded.schema.encoding is not None:  # one tensor per column, text as BYTES
+        rows = v2_table_rows(req.inputs, loaded.schema, raw)
+        st.check_unknown(rows, "v2", _v2_row)
+        x = rows.x
+    else:
+        x = _v2_input(req, loaded, raw)
     st.check_ranges(loaded.schema, x, "v2", _v2_row, refuse=False)
     result = await st.infer(x, loaded)  # pinned: the schema that parsed the rows formats the answer
     check_finite_outputs(result, lambda r: f"inputs (row {r})")

@@ -148,6 +148,14 @@ def _target_values(label: Any, schema: FeatureSchema, where: str) -> list[Any]:
             raise ApiError(422, f"{where}: this model predicts {n} targets {names}; "
                                 f"expected a list of {n} numbers, got a single number")
         return [label]
+    if type(label) is dict:  # keyed by target name: {"t1": 0.3, "t2": 1.2}
+        extra = [k for k in label if k not in names]
+        if extra:
+            raise ApiError(422, f"{where}: unknown target {extra[0]!r}; targets are {names}")
+        absent = [t for t in names if t not in label]
+        if absent:
+            raise ApiError(422, f"{where}: missing target {absent[0]!r}; targets are {names}")
+        return [label[t] for t in names]
     if type(label) is list:
         if len(label) != n:
             raise ApiError(422, f"{where}: expected {n} target value{'s' if n > 1 else ''} {names}, "

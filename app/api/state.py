@@ -14,6 +14,7 @@ from starlette.responses import Response
 from app.api.auth import ApiKeys, Scope, resolve_keys
 from app.api.errors import ApiError, error_response
 from app.api.rows import Where
+from app.api.table_rows import TableRows
 from app.core.features import FeatureSchema
 from app.retrain.protocol import RetrainRunner
 from app.serving.batcher import Batcher, InferenceResult, NotReady, QueueFull, ShapeMismatch
@@ -74,6 +75,17 @@ class AppState:
             row, col = first
             raise ApiError(422, f"{where(row)}: {schema.range_message(x, row, col)} "
                                 f"(SKQK_INPUT_RANGE={mode})")
+
+
+    def check_unknown(self, rows: TableRows, endpoint: str, where: Where) -> None:
+        """Categories outside the vocabulary (``SKQK_UNKNOWN_CATEGORY``): count them; refuse
+        under ``reject`` naming the first (row, feature, value)."""
+        if not rows.unknown:
+            return
+        for feature, n in rows.unknown_counts().items():
+            self.metrics.unknown_categories.labels(endpoint, feature).inc(n)
+        if self.settings.unknown_category == "reject":
+            raise ApiError(422, f"{rows.first_unknown(where)} (SKQK_UNKNOWN_CATEGORY=reject)")
 
 
 def get_state(request: Request) -> AppState:

@@ -20,6 +20,25 @@ from app.cli.common import (
 )
 
 
+def with_activation(arch: str, activation: str | None, input_shape: str | None) -> str:
+    """``--activation`` / ``--input-shape`` folded into the architecture name (see resolve_arch)."""
+    from app.core.spec import activation_layer
+
+    if activation:
+        try:
+            activation_layer(activation)
+        except ValueError as exc:
+            fail(str(exc), 2)
+        if arch.strip().startswith("{"):
+            fail("--activation applies to named architectures; write it into the JSON spec", 2)
+    if input_shape and not arch.startswith("cnn1d:"):
+        fail("--input-shape goes with --arch cnn1d:…", 2)
+    base = arch.split("+")[0] if activation else arch
+    if input_shape:
+        base = f"{base}@{input_shape}"
+    return f"{base}+{activation}" if activation else base
+
+
 def epoch_progress(total: int) -> tuple[Progress, object]:
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
@@ -38,9 +57,19 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
          task: str = typer.Option("classification", help="classification | regression"),
          classes: str | None = typer.Option(None, help="class names in index order (default: the label "
                                                        "values, sorted; integer labels stay integers)"),
+         categorical: str | None = typer.Option(None, "--categorical", help="--data: columns a,b read as "
+                                                "categories (text columns are by default; integers not)"),
+         numeric: str | None = typer.Option(None, "--numeric", help="--data: columns read as numbers"),
+         drop: str | None = typer.Option(None, "--drop", help="--data: columns left out"),
          normalize: str = typer.Option("standard", help="--data: standard (per-feature mean/std, part of "
                                                         "the model) | none"),
-         arch: str = typer.Option("mlp:256-256", help="mlp:W-W-…, lenet5, vgg-small or JSON spec"),
+         arch: str = typer.Option("mlp:256-256", help="mlp:W-W-…, cnn1d:W-W-…, lenet5, vgg-small or "
+                                                               "JSON spec"),
+         activation: str | None = typer.Option(
+             None, "--activation",
+             help="relu (default) | leaky_relu:ALPHA | prelu | relu6 | hardtanh:MIN,MAX"),
+         input_shape: str | None = typer.Option(None, "--input-shape",
+                                                help="cnn1d: C,L (channels, length) of each row"),
          epochs: int = typer.Option(30, min=1), batch_size: int = typer.Option(128, min=1),
          lr: float = typer.Option(1e-3), seed: int = typer.Option(0),
          device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -58,8 +87,10 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
 
     if normalize not in ("standard", "none"):
         fail("--normalize must be standard or none", 2)
-    if data is None and (label_column or features or classes or task != "classification"):
-        fail("--label-column, --features, --classes and --task go with --data FILE", 2)
+    if data is None and (label_column or features or classes or task != "classification" or categorical
+                         or numeric or drop):
+        fail("--label-column, --features, --classes, --task, --categorical, --numeric and --drop go with "
+             "--data FILE", 2)
     if data is not None and not label_column:
         fail("--data needs --label-column (the column holding the labels)", 2)
     settings, store = open_configured_store()
@@ -72,7 +103,12 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
     if existing is not None and not force:
         fail(f"the store ({safe_url(store.url)}) already has versions (latest {existing}, "
               f"active {store.active_version()}); pass --force to register another one")
-    table = _init_table(dataset, data, label_column, features, task, classes, normalize == "standard", seed)
+    from app.intake.training_table import ColumnTypes
+
+    types = ColumnTypes(tuple(names(categorical)), tuple(names(numeric)), tuple(names(drop)))
+    table = _init_table(dataset, data, label_column, features, task, classes, normalize == "standard", seed,
+                        types)
+    arch = with_activation(arch, activation, input_shape)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, task=table.task)
     progress, bar = epoch_progress(epochs)
     started = time.perf_counter()
@@ -98,7 +134,7 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
 
 
 def _init_table(dataset: str, data: Path | None, label_column: str | None, features: str | None,
-                task: str, classes: str | None, normalize: bool, seed: int):  # -> TrainingTable
+                task: str, classes: str | None, normalize: bool, seed: int, types=None):  # -> TrainingTable
     from app.core.features import SchemaError
     from app.intake.training_table import table_from_dataset, table_from_file
 
@@ -110,7 +146,7 @@ def _init_table(dataset: str, data: Path | None, label_column: str | None, featu
         fail(f"reading data files needs the 'files' extra: pip install 'skqk-serve[files]' ({exc})", 2)
     try:
         return table_from_file(data, names(label_column), names(features) if features else None, task,
-                               names(classes) if classes else None, normalize)
+                               names(classes) if classes else None, normalize, types)
     except (DataFileError, SchemaError) as exc:
         fail(f"{data}: {exc}", 2)
 

@@ -9,6 +9,7 @@ from app.cli.explain import explain_command
 from app.cli.networks import export, import_model_command
 from app.cli.retrain import retrain
 from app.cli.samples import samples_app
+from app.cli.scoring import predict
 from app.cli.serve import serve, worker
 from app.experiments.cli import experiment_app
 
@@ -20,7 +21,7 @@ cli.command()(init)
 cli.command()(ingest)
 cli.command("import")(import_model_command)
 cli.command("explain")(explain_command)
-for command in (export, serve, retrain, worker):
+for command in (export, serve, retrain, worker, predict):
     cli.command()(command)
 
 

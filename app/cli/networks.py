@@ -23,7 +23,10 @@ def import_model_command(model: Path = typer.Argument(..., exists=True, dir_okay
             input_shape: str | None = typer.Option(None, "--input-shape", help="C,H,W (or D) when the file "
                                                                                 "leaves it open"),
             activate: bool = typer.Option(False, help="make it the active version (automatic on an empty "
-                                                      "store)")) -> None:
+                                                      "store)"),
+            strip_softmax: bool = typer.Option(
+                False, "--strip-softmax", help="drop a final Softmax/LogSoftmax (and label outputs after "
+                                               "it): serve the logits; predictions are unchanged")) -> None:
     """Register a network trained elsewhere; selector and estimator both start as its weights.
 
     Checked against the source model (onnxruntime / the exported program) before anything is
@@ -40,7 +43,8 @@ def import_model_command(model: Path = typer.Argument(..., exists=True, dir_okay
         with torch_deprecations_once():  # torch's internal deprecations: once, not per call
             result = import_model(store, settings, model, data, names(label_column) or None,
                                   names(features) if features else None, task,
-                                  names(classes) if classes else None, shape, activate)
+                                  names(classes) if classes else None, shape, activate,
+                                  strip_softmax=strip_softmax)
     except (UnsupportedModel, ImportMismatch, SchemaError) as exc:
         fail(f"{model}: {exc}", 2)
     except ImportError as exc:  # onnx / onnxruntime / pyarrow not installed
@@ -83,3 +87,9 @@ def export(version: int = typer.Argument(..., help="model version"),
     except ImportError as exc:
         fail(f"{exc}: pip install 'skqk-serve[import]'", 2)
     console.print(f"version {version} → {output} (input [N, {', '.join(map(str, model.spec.input_shape))}])")
+    if schema.encoding is not None:  # the graph takes the encoded vector: the encoding goes beside it
+        from app.intake.networks.encoding_export import write_encoding
+
+        side = write_encoding(schema, output)
+        console.print(f"this version's columns have types: the graph's input is the ENCODED vector "
+                      f"({schema.input_dim} inputs); the encoding that makes it from raw rows is in {side}")

@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from app.core.network import PathSelector
-from app.core.spec import layer_inputs
+from app.core.spec import ACTIVATION_TYPES, layer_inputs
 
 
 @dataclass(frozen=True)
@@ -136,11 +136,20 @@ class DriftReport:
 
 @torch.no_grad()
 def gate_patterns(selector: PathSelector, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """bool[N, G]: every ReLU gate of every sample, all layers concatenated."""
+    """bool[N, G]: every ReLU gate of every sample, all layers concatenated.
+
+    A 3-piece unit (ReLU6, Hardtanh) gives its two thermometer bits 1[piece ≥ 1], 1[piece ≥ 2]
+    (as in the packed structure), so Hamming distances count piece changes: one per breakpoint
+    crossed. Nets with only 2-piece activations give exactly their gates.
+    """
     parts = []
     for i in range(0, x.shape[0], chunk):
         s = selector.structure(x[i:i + chunk])
-        parts.append(torch.cat([g.reshape(g.shape[0], -1) for g in s.gates], dim=1))
+        cols = []
+        for g in s.gates:
+            g = g.reshape(g.shape[0], -1)
+            cols += [g] if g.dtype == torch.bool else [g >= 1, g >= 2]
+        parts.append(torch.cat(cols, dim=1))
     return torch.cat(parts)
 
 
@@ -153,7 +162,7 @@ def gate_layers(selector: PathSelector) -> list[tuple[int, int]]:
     spec = selector.spec
     out = []
     for i, layer in enumerate(spec.layers):
-        if layer["type"] != "relu":
+        if layer["type"] not in ACTIVATION_TYPES:  # every piecewise-linear activation is gated
             continue
         j = i
         while j >= 0 and spec.layers[j]["type"] not in ("linear", "conv"):
@@ -165,8 +174,10 @@ def gate_layers(selector: PathSelector) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def gate_layer_sizes(selector: PathSelector, x_one: torch.Tensor) -> list[int]:
-    """Number of gates per gated layer (one sample's structure)."""
-    return [int(g[0].numel()) for g in selector.structure(x_one[:1]).gates]
+    """Number of gate columns per gated layer in :func:`gate_patterns` (one sample's structure):
+    one per unit, two per unit of a 3-piece layer (its thermometer bits)."""
+    return [int(g[0].numel()) * (1 if g.dtype == torch.bool else 2)
+            for g in selector.structure(x_one[:1]).gates]
 
 
 def nearest_hamming(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 512) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch
 from torch.nn import functional as F
 
 from app.core.network import DecoupledModel, ReLUNet
-from app.core.spec import ArchSpec, pool_geometry
+from app.core.spec import ACTIVATION_TYPES, ArchSpec, pool_geometry
 from app.core.structure import Structure
 
 CHUNK_ELEMENTS = 1 << 23  # per internal chunk: rows × D × widest layer (≈ 32 MiB at float32)
@@ -90,7 +90,8 @@ def linear_part(net: ReLUNet) -> ReLUNet:
 def total_units(spec: ArchSpec) -> int:
     """Gates of the net (what ``active_units`` counts out of)."""
     shapes = spec.shapes()
-    return sum(math.prod(shapes[i]) for i, layer in enumerate(spec.layers) if layer["type"] == "relu")
+    return sum(math.prod(shapes[i]) for i, layer in enumerate(spec.layers)
+               if layer["type"] in ACTIVATION_TYPES)
 
 
 def cost_per_row(spec: ArchSpec) -> int:
@@ -128,6 +129,8 @@ class Explainer:
         self.input_dim = self.spec.input_dim
         self.total_units = total_units(self.spec)
         self.cost_per_row = cost_per_row(self.spec)
+        self.relu_only = all(layer["type"] == "relu" for layer in self.spec.layers
+                             if layer["type"] in ACTIVATION_TYPES)
         self.pools = [layer for layer in self.spec.layers if layer["type"] == "maxpool"]
 
     def chunk_rows(self, budget: int = CHUNK_ELEMENTS) -> int:
@@ -141,7 +144,9 @@ class Explainer:
         gradient: A(x) then comes from one reverse pass per output (about 2 forward passes
         each instead of D), for clients that only want the contributions.
         """
-        if not radius:
+        if not radius or not self.relu_only:
+            # other piecewise-linear activations: exact A(x) and offset (the gated forward is affine
+            # under the frozen pieces); the certified radius is not generalised yet (NaN)
             return self._explain_fast(x)
         step = chunk_rows or self.chunk_rows()
         parts = [self._explain(x[i:i + step]) for i in range(0, x.shape[0], step)]
@@ -160,7 +165,7 @@ class Explainer:
             k = outputs.shape[1]
             rows = [torch.autograd.grad(outputs[:, j].sum(), xg, retain_graph=j + 1 < k)[0] for j in range(k)]
         jacobian = torch.stack(rows, 1)  # [N, K, D]
-        active = sum((g.reshape(n, -1).sum(1) for g in structure.gates),
+        active = sum((_on(g).reshape(n, -1).sum(1) for g in structure.gates),
                      torch.zeros(n, dtype=torch.int64, device=x.device))
         nan = torch.full((n,), math.nan, dtype=jacobian.dtype, device=x.device)
         none = torch.zeros(n, d, dtype=jacobian.dtype, device=x.device)
@@ -252,6 +257,11 @@ def _ratio(margin: torch.Tensor, grad: torch.Tensor) -> Ratios:
     ga, gb = pick(ia), pick(ib)
     da = ga / torch.linalg.vector_norm(ga, 2, dim=1, keepdim=True).clamp_min(torch.finfo(ga.dtype).tiny)
     return a.gather(1, ia).squeeze(1), b.gather(1, ib).squeeze(1), da, torch.sign(gb)
+
+
+def _on(g: torch.Tensor) -> torch.Tensor:
+    """Units on their identity piece: a 2-piece gate as is, a 3-piece unit between its bounds."""
+    return g if g.dtype == torch.bool else g == 1
 
 
 def _relu_radius(z: torch.Tensor, g: torch.Tensor) -> Ratios:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from app.core.encoding import Encoding
+
 TASKS = ("classification", "regression")
 RANGE_MARGIN = 0.10  # learnt ranges widen each feature's [min, max] by 10 % of its span per side
 
@@ -42,6 +44,8 @@ class FeatureSchema:
     # the default explanation reference (app.core.explain): the training rows' mean, stored with
     # the version at registration; None for versions stored before it existed
     reference: tuple[float, ...] | None = None
+    # a table's column types (app.core.encoding): feature_names are then the encoded inputs
+    encoding: Encoding | None = None
     _index: dict[str, int] = field(init=False, compare=False, repr=False)
     _class_index: dict[str, int] = field(init=False, compare=False, repr=False)
     _bounds: tuple[np.ndarray, np.ndarray] | None = field(init=False, compare=False, repr=False)
@@ -52,6 +56,8 @@ class FeatureSchema:
         if len(self.feature_names) != math.prod(self.input_shape):
             raise SchemaError(f"{len(self.feature_names)} feature names for input shape "
                               f"{list(self.input_shape)}")
+        if self.encoding is not None and list(self.feature_names) != self.encoding.input_names():
+            raise SchemaError("feature names must be the encoding's input names")
         if len(set(self.feature_names)) != len(self.feature_names):
             raise SchemaError("feature names must be unique")
         if self.task == "classification":
@@ -63,7 +69,7 @@ class FeatureSchema:
                                            or not all(map(math.isfinite, self.reference))):
             raise SchemaError(f"reference needs {len(self.feature_names)} finite values")
         # lookups built once (frozen dataclass: set through object.__setattr__)
-        object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.feature_names)})
+        object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.columns)})
         object.__setattr__(self, "_class_index", {name: i for i, name in enumerate(self.class_names or ())})
         bounds = ((np.asarray(self.range_min, dtype=np.float64), np.asarray(self.range_max, dtype=np.float64))
                   if self.has_ranges else None)
@@ -83,6 +89,15 @@ class FeatureSchema:
         return self.task == "regression"
 
     @property
+    def columns(self) -> tuple[str, ...]:
+        """The names clients send values for: the table's columns, or the feature names."""
+        return self.encoding.names if self.encoding is not None else self.feature_names
+
+    def encoded_feature_groups(self) -> list[str]:
+        """For each network input (in order), the name of the column it encodes."""
+        return self.encoding.groups() if self.encoding is not None else list(self.feature_names)
+
+    @property
     def has_ranges(self) -> bool:
         return self.range_min is not None and self.range_max is not None
 
@@ -100,6 +115,8 @@ class FeatureSchema:
                        if self.has_ranges else None)
         if self.reference is not None:  # absent key: schemas stored before it read back unchanged
             d["reference"] = {"type": "training_mean", "values": list(self.reference)}
+        if self.encoding is not None:  # absent key: numeric schemas stay as they were
+            d["columns"] = self.encoding.to_list()
         return d
 
     @classmethod
@@ -116,7 +133,8 @@ class FeatureSchema:
                    range_min=tuple(float(v) for v in ranges["min"]) if ranges else None,
                    range_max=tuple(float(v) for v in ranges["max"]) if ranges else None,
                    source=d.get("source"),
-                   reference=tuple(float(v) for v in reference) if reference is not None else None)
+                   reference=tuple(float(v) for v in reference) if reference is not None else None,
+                   encoding=Encoding.from_list(d["columns"]) if d.get("columns") else None)
 
     @classmethod
     def default(cls, input_shape: Sequence[int], num_outputs: int, source: str | None = None
@@ -142,15 +160,18 @@ class FeatureSchema:
     # ---- rows ------------------------------------------------------------------------------
     def row_from_object(self, obj: dict[str, Any], where: str) -> list[Any]:
         """A row given as ``{feature name: value}`` → values in schema order."""
-        missing = [n for n in self.feature_names if n not in obj]
         extra = [k for k in obj if k not in self._index]
         if extra:
             raise SchemaError(f"{where}: unknown feature {extra[0]!r}"
-                              f"{_suggest(extra[0], self.feature_names)}")
+                              f"{_suggest(extra[0], self.columns)}")
+        if self.encoding is not None:  # a column that had missing values may be left out: missing
+            missing = [c.name for c in self.encoding.columns if c.name not in obj and not c.missing]
+        else:
+            missing = [n for n in self.feature_names if n not in obj]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise SchemaError(f"{where}: missing feature {missing[0]!r}{more}")
-        return [obj[n] for n in self.feature_names]
+        return [obj.get(n) for n in self.columns]
 
     def out_of_range_rows(self, x: np.ndarray) -> tuple[int, tuple[int, int] | None]:
         """How many rows have a value outside the ranges, and (row, feature index) of the first."""

@@ -3,7 +3,9 @@
 For hidden layer l the selector computes its own pre-activation z_l^S and the gate
 g_l = 1[z_l^S > 0]; the estimator computes h_l = g_l ⊙ (W_l^E h_{l-1} + b_l^E) from its own
 previous layer. Max-pools in the estimator gather at the selector's argmax indices. Given
-the structure, nothing in the estimator depends non-linearly on x.
+the structure, nothing in the estimator depends non-linearly on x. Other piecewise-linear
+activations (LeakyReLU, PReLU, ReLU6/Hardtanh) generalise the gate to the index of the
+linear piece each unit is on (:mod:`app.core.pieces`); plain ReLU keeps its own code path.
 """
 
 from __future__ import annotations
@@ -14,12 +16,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from app.core.spec import ArchSpec, StructureLayout, layer_inputs, pool_geometry
+from app.core import pieces
+from app.core.spec import (
+    ACTIVATION_TYPES,
+    ArchSpec,
+    StructureLayout,
+    Window,
+    layer_inputs,
+    pool_geometry,
+    window,
+)
 from app.core.structure import PackedStructure, Structure, pack, unpack
 
 
 class ReLUNet(nn.Module):
-    """A plain ReLU network built from an :class:`ArchSpec`."""
+    """A plain piecewise-linear network (ReLU unless the spec says otherwise) from an :class:`ArchSpec`."""
 
     def __init__(self, spec: ArchSpec, seed: int | None = None) -> None:
         super().__init__()
@@ -34,19 +45,31 @@ class ReLUNet(nn.Module):
         self._last_use = {j: i for i, ins in enumerate(self.inputs) for j in ins}  # last reader of j
         for i, layer in enumerate(spec.layers):
             j = self.inputs[i][0]
-            prev = tuple(spec.input_shape) if j == -1 else shapes[j]
+            prev = spec.tensor_shape if j == -1 else shapes[j]
             if layer["type"] == "linear":
                 blocks.append(nn.Linear(prev[0], int(layer["out"])))
             elif layer["type"] == "conv":
-                blocks.append(nn.Conv2d(prev[0], int(layer["out"]), int(layer["kernel"]),
-                                        stride=int(layer.get("stride", 1)),
-                                        padding=int(layer.get("padding", 0)),
-                                        groups=int(layer.get("groups", 1))))
+                g = window(layer)
+                if g.simple:
+                    blocks.append(nn.Conv2d(prev[0], int(layer["out"]), g.kh, stride=g.sh, padding=g.pt,
+                                            groups=int(layer.get("groups", 1))))
+                else:  # asymmetric padding is applied with F.pad before the conv (see _windowed)
+                    blocks.append(nn.Conv2d(prev[0], int(layer["out"]), (g.kh, g.kw), stride=(g.sh, g.sw),
+                                            padding=(g.pt, g.pl) if g.symmetric else 0,
+                                            dilation=(g.dh, g.dw), groups=int(layer.get("groups", 1))))
+            elif layer["type"] in ACTIVATION_TYPES:
+                blocks.append(pieces.make_block(layer, prev[0]))
             else:
                 blocks.append(nn.Identity())  # keeps layer indices aligned with the spec
         if seed is not None:
             torch.random.set_rng_state(generator_state)
         self.blocks = nn.ModuleList(blocks)
+        # per layer: the window when it is not the plain square one (None: today's fast path)
+        windowed = ("conv", "maxpool", "avgpool")
+        self._windows: list[Window | None] = [
+            (g if not (g := window(layer)).simple else None) if layer["type"] in windowed else None
+            for layer in spec.layers]
+        self._out_hw = [tuple(s[1:]) for s in shapes]
         # Fixed affine maps of the spec (input normalisation, output scale): buffers, not
         # parameters (never trained), and not persistent (the weights files stay as they were).
         self.has_input_norm = spec.input_norm is not None
@@ -69,7 +92,7 @@ class ReLUNet(nn.Module):
         """Raw flat features → the first layer's input (normalised, reshaped)."""
         if self.has_input_norm:
             x = (x - self.in_mean.to(x.dtype)) * self.in_inv_std.to(x.dtype)
-        return x.reshape(x.shape[0], *self.spec.input_shape)
+        return x.reshape(x.shape[0], *self.spec.tensor_shape)
 
     def finish_output(self, h: torch.Tensor) -> torch.Tensor:
         """The last layer's output → the model's output (regression: original target units)."""
@@ -126,7 +149,10 @@ class ReLUNet(nn.Module):
                                  "run this net from layer 0") from None
             h = ins[0]
             kind = layer["type"]
-            if kind in ("relu", "maxpool") and taps is not None:
+            win = self._windows[i]
+            # what each structural layer decides on, in structure order (every activation's
+            # pre-activation, every max-pool's input)
+            if taps is not None and (kind in ACTIVATION_TYPES or kind == "maxpool"):
                 taps.append(h)
             if kind == "relu":
                 if gates is not None:
@@ -138,6 +164,18 @@ class ReLUNet(nn.Module):
                 else:
                     h = F.relu(h)
                 gi += 1
+            elif kind in ACTIVATION_TYPES:  # the other piecewise-linear activations
+                if gates is not None:
+                    h = pieces.gated(layer, block, h, gates[gi])
+                else:
+                    if record is not None:
+                        record.gates.append(pieces.piece(layer, h))
+                    h = pieces.plain(layer, block, h)
+                gi += 1
+            elif win is not None:  # rectangular / dilated / asymmetric / ceil_mode windows
+                idx = pools[pi] if pools is not None and kind == "maxpool" else None
+                h = self._windowed(i, kind, win, block, h, idx, record)
+                pi += kind == "maxpool"
             elif kind == "maxpool":
                 k, s, p = pool_geometry(layer)
                 if pools is not None:
@@ -166,6 +204,38 @@ class ReLUNet(nn.Module):
                 if self._last_use[j] == i:
                     outs.pop(j, None)
         return outs[stop - 1]
+
+    def _windowed(self, i: int, kind: str, g: Window, block: nn.Module, h: torch.Tensor,
+                  idx: torch.Tensor | None, record: Structure | None) -> torch.Tensor:
+        """Conv / pools whose window is not square-symmetric (1-D nets, ceil_mode, ONNX pads)."""
+        ho, wo = self._out_hw[i]
+        if kind == "conv":
+            return block(h if g.symmetric else F.pad(h, g.pads))
+        if kind == "maxpool":
+            if idx is not None:  # gather at the selector's argmax (padding values are never chosen)
+                if not g.symmetric:
+                    h = F.pad(h, g.pads)
+                n, c = idx.shape[:2]
+                return h.flatten(2).gather(2, idx.flatten(2)).view(n, c, *idx.shape[2:])
+            pad = (g.pt, g.pl)
+            if not g.symmetric:
+                h, pad = F.pad(h, g.pads, value=-torch.inf), (0, 0)
+            out, ind = F.max_pool2d(h, (g.kh, g.kw), (g.sh, g.sw), pad, ceil_mode=g.ceil, return_indices=True)
+            out, ind = out[..., :ho, :wo], ind[..., :ho, :wo]
+            if record is not None:
+                record.pool_indices.append(ind)
+            return out
+        include = bool(self.spec.layers[i].get("count_include_pad", True))
+        if g.symmetric:
+            return F.avg_pool2d(h, (g.kh, g.kw), (g.sh, g.sw), (g.pt, g.pl), ceil_mode=g.ceil,
+                                count_include_pad=include)
+        # asymmetric: window sums over the zero-padded plane ÷ the count of the elements that count
+        ones = torch.ones(1, 1, *h.shape[2:], dtype=h.dtype, device=h.device)
+        total = F.avg_pool2d(F.pad(h, g.pads), (g.kh, g.kw), (g.sh, g.sw), 0, ceil_mode=g.ceil,
+                             divisor_override=1)
+        count = F.avg_pool2d(F.pad(ones, g.pads, value=float(include)), (g.kh, g.kw), (g.sh, g.sw), 0,
+                             ceil_mode=g.ceil, divisor_override=1)
+        return (total / count)[..., :ho, :wo]
 
     def param_vector(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.parameters()])

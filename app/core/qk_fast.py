@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from app.core.network import DecoupledModel, ReLUNet
 from app.core.qk_readout import fit_logistic, fit_ridge_select
-from app.core.spec import StructureLayout
+from app.core.spec import ACTIVATION_TYPES, StructureLayout
 from app.core.structure import PackedStructure, pack, unpack
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -91,7 +91,7 @@ def param_layers(net: ReLUNet) -> list[int]:
 
 
 def _offsets(net: ReLUNet, start: int) -> tuple[int, int]:
-    gates = sum(1 for layer in net.spec.layers[:start] if layer["type"] == "relu")
+    gates = sum(1 for layer in net.spec.layers[:start] if layer["type"] in ACTIVATION_TYPES)
     pools = sum(1 for layer in net.spec.layers[:start] if layer["type"] == "maxpool")
     return gates, pools
 

@@ -46,7 +46,7 @@ def run_seed(dataset: str, arch: str, seed: int, epochs: int, batch_size: int, l
     for h, p in zip(history, patterns, strict=True):
         h["gate_diff_to_final"] = gate_flip_fraction(p, final)
     return {"seed": seed, "arch": spec.name, "history": history, "wall_s": time.perf_counter() - started,
-            "num_gates": final.num_gates, "has_pools": bool(final.pool_choices)}
+            "num_gates": final.num_units, "has_pools": bool(final.pool_choices)}
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from app.core.splits import split_masks
 from app.core.tasks import evaluate_task, holdout_metrics
 from app.core.training import EpochCallback, TrainConfig, train_full
 from app.intake.file_ingest import chunk_key
-from app.intake.training_table import TrainingTable, table_from_dataset, table_from_file
+from app.intake.training_table import ColumnTypes, TrainingTable, table_from_dataset, table_from_file
 from app.serving.models import register_model
 from app.settings import Settings
 from app.storage import Store
@@ -55,7 +55,13 @@ def settings_table(settings: Settings, dataset: str | None = None, seed: int = 0
         if not settings.bootstrap_label_column:
             raise BootstrapError("SKQK_BOOTSTRAP_DATA needs SKQK_BOOTSTRAP_LABEL_COLUMN (the label column)")
         labels = [c.strip() for c in settings.bootstrap_label_column.split(",") if c.strip()]
-        return table_from_file(settings.bootstrap_data, labels, task=settings.bootstrap_task)
+
+        def names(text: str | None) -> tuple[str, ...]:
+            return tuple(c.strip() for c in (text or "").split(",") if c.strip())
+
+        types = ColumnTypes(names(settings.bootstrap_categorical), names(settings.bootstrap_numeric),
+                            names(settings.bootstrap_drop))
+        return table_from_file(settings.bootstrap_data, labels, task=settings.bootstrap_task, types=types)
     return table_from_dataset(dataset or settings.bootstrap_dataset, seed=seed, synthetic_n=synthetic_n)
 
 
@@ -117,11 +123,12 @@ def store_table(store: Store, table: TrainingTable, chunk_rows: int = INIT_CHUNK
     batch_ids = []
     for start in range(0, table.x.shape[0], chunk_rows):
         x, y = table.x[start:start + chunk_rows], table.y[start:start + chunk_rows]
-        key = chunk_key(f"bootstrap:{table.source}", start + 1, x, y)
+        raw = table.raw[start:start + chunk_rows] if table.raw is not None else None
+        key = chunk_key(f"bootstrap:{table.source}", start + 1, x, y, raw)
         if table.task == "regression":
-            res = store.ingest(x, idempotency_key=key, targets=y)
+            res = store.ingest(x, idempotency_key=key, targets=y, raw=raw)
         else:
-            res = store.ingest(x, y, idempotency_key=key)
+            res = store.ingest(x, y, idempotency_key=key, raw=raw)
         batch_ids.append(res.batch_id)
     return batch_ids
 

@@ -59,22 +59,26 @@ def ingest_file(store: Store, schema: FeatureSchema, path: Path, label_columns: 
     path = Path(path)
     fmt = detect_format(path)
     labels = label_columns or _schema_labels(schema)
-    features = None if fmt == "npz" else list(schema.feature_names)
+    features = None if fmt == "npz" else list(schema.columns)
+    if fmt == "npz" and schema.encoding is not None:
+        raise FileIngestError(f"{path}: this model's schema has column types (text, booleans, missing "
+                              "values); NPZ holds numbers only: use CSV or Parquet")
     total = total_rows(path)
     progress = IngestProgress(next_row=start_row, started=time.perf_counter(),
                               total_rows=max(total - start_row + 1, 0) if total is not None else None)
     kind = "float" if schema.is_regression else "class"
     label_name = ",".join(labels) if labels else "y"
     try:
-        for chunk in iter_chunks(path, labels, features, chunk_rows, start_row, label_kind=kind):
+        for chunk in iter_chunks(path, labels, features, chunk_rows, start_row, label_kind=kind,
+                                 encoding=schema.encoding):
             y = _encode_labels(schema, chunk.labels, chunk.first_row, label_name)
             _check_chunk(schema, chunk.x, chunk.first_row, check_ranges)
             n = chunk.x.shape[0]
-            key = chunk_key(f"file:{path.name}", chunk.first_row, chunk.x, y)
+            key = chunk_key(f"file:{path.name}", chunk.first_row, chunk.x, y, chunk.raw)
             if schema.is_regression:
-                result = store.ingest(chunk.x, idempotency_key=key, targets=y)
+                result = store.ingest(chunk.x, idempotency_key=key, targets=y, raw=chunk.raw)
             else:
-                result = store.ingest(chunk.x, y, idempotency_key=key)
+                result = store.ingest(chunk.x, y, idempotency_key=key, raw=chunk.raw)
             progress.rows_read += n
             if result.duplicate:
                 progress.rows_skipped += n
@@ -92,10 +96,12 @@ def ingest_file(store: Store, schema: FeatureSchema, path: Path, label_columns: 
     return progress
 
 
-def chunk_key(source: str, first_row: int, x: np.ndarray, y: np.ndarray) -> str:
+def chunk_key(source: str, first_row: int, x: np.ndarray, y: np.ndarray, raw: list[str] | None = None) -> str:
     """Idempotency key of one chunk: readable (source, rows) plus a digest of its content, so a
     re-run skips it and a different file of the same name (tomorrow's drop) is new data."""
     digest = hashlib.sha256(np.ascontiguousarray(x).tobytes() + np.ascontiguousarray(y).tobytes())
+    if raw is not None:  # table rows: two unknown categories encode alike, but are different data
+        digest.update("\n".join(raw).encode())
     return f"{source[:120]}:rows{first_row}-{first_row + x.shape[0] - 1}:{digest.hexdigest()[:32]}"
 
 

@@ -55,17 +55,34 @@ class ImportResult:
 Runner = Callable[[np.ndarray], np.ndarray]
 
 
-def load_network(path: Path, input_shape: tuple[int, ...] | None = None) -> tuple[ImportedNetwork, Runner]:
-    """The network and a function that runs the *source* model (the reference for the check)."""
+def load_network(path: Path, input_shape: tuple[int, ...] | None = None, strip_softmax: bool = False
+                 ) -> tuple[ImportedNetwork, Runner]:
+    """The network and a function that runs the *source* model (the reference for the check).
+
+    With ``strip_softmax`` the reference is the source's logits where the file lets us read them
+    (ONNX: the softmax's input made the graph output), else the source's log-probabilities
+    (``.pt2``), which the check compares with the log-softmax of the import's logits.
+    """
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        from app.intake.networks.onnx_import import import_onnx, run_onnx
+        from app.intake.networks.onnx_import import import_onnx, logits_model, run_onnx
 
-        return import_onnx(path, input_shape), lambda x: run_onnx(path, x)
+        imported = import_onnx(path, input_shape, strip_softmax)
+        if imported.stripped_softmax:
+            import onnx
+
+            model = onnx.load(str(path))
+            head = next(n for n in model.graph.node if n.op_type == imported.stripped_softmax)
+            cut = logits_model(model, head)
+            return imported, lambda x: run_onnx(cut, x)
+        return imported, lambda x: run_onnx(path, x)
     if suffix == ".pt2":
         from app.intake.networks.torch_export_import import import_pt2, run_pt2
 
-        return import_pt2(path, input_shape), lambda x: run_pt2(path, x)
+        imported = import_pt2(path, input_shape, strip_softmax)
+        if imported.stripped_softmax == "Softmax":
+            return imported, lambda x: np.log(np.maximum(run_pt2(path, x), 1e-30))
+        return imported, lambda x: run_pt2(path, x)
     if suffix in (".safetensors", ".json"):
         return _load_checkpoint(path)
     raise UnsupportedModel(f"{path.name}: unknown model format {suffix!r}; use .onnx, .pt2 "
@@ -88,17 +105,20 @@ def _load_checkpoint(path: Path) -> tuple[ImportedNetwork, Runner]:
 def import_model(store: Store, settings: Settings, path: Path, data: Path | None = None,
                  label_columns: list[str] | None = None, features: list[str] | None = None,
                  task: str = "classification", classes: list[str] | None = None,
-                 input_shape: tuple[int, ...] | None = None, activate: bool = False) -> ImportResult:
+                 input_shape: tuple[int, ...] | None = None, activate: bool = False,
+                 strip_softmax: bool = False) -> ImportResult:
     started = time.perf_counter()
-    imported, run_source = load_network(Path(path), input_shape)
+    imported, run_source = load_network(Path(path), input_shape, strip_softmax)
     net = imported.build()
     spec = net.spec
+    classes = classes or imported.class_names  # labels the file carries (skl2onnx)
     table = _data_table(data, label_columns, features, task, classes) if data is not None else None
     schema = _schema(imported, table, task, classes)
     if table is not None:  # /explain's default reference: the mean of the rows it came with
         schema = schema.with_reference_from(table.x)
     model = DecoupledModel.from_net(net)
-    diff = check_against_source(model, run_source, spec.input_dim, table)
+    log_space = imported.source_format == "pt2" and imported.stripped_softmax is not None
+    diff = check_against_source(model, run_source, spec.input_dim, table, log_space)
     batch_ids: list[int] = []
     if table is not None:  # the data the model was trained on: the old samples of later retrains
         from app.intake.bootstrap import store_table
@@ -107,6 +127,7 @@ def import_model(store: Store, settings: Settings, path: Path, data: Path | None
         batch_ids = store_table(store, table)
     metrics = {"source": Path(path).name, "format": imported.source_format, "import_max_abs_diff": diff,
                "import_notes": imported.notes, "task": schema.task, "arch": spec.name,
+               **({"stripped_softmax": imported.stripped_softmax} if imported.stripped_softmax else {}),
                **_holdout_scores(store, settings, model, schema, batch_ids)}
     watermark = store.max_sample_id() or None
     version = register_model(store, model, mode="import", parent=None, metrics=metrics,
@@ -154,7 +175,7 @@ def _schema(imported: ImportedNetwork, table: TrainingTable | None, task: str,
 
 
 def check_against_source(model: DecoupledModel, run_source: Runner, input_dim: int,
-                         table: TrainingTable | None) -> float:
+                         table: TrainingTable | None, log_space: bool = False) -> float:
     """Max |pair − source| on the check batch; raises ImportMismatch beyond the tolerance."""
     if table is not None:
         x = table.x[:CHECK_ROWS].astype(np.float32)
@@ -162,7 +183,8 @@ def check_against_source(model: DecoupledModel, run_source: Runner, input_dim: i
         x = np.random.default_rng(0).standard_normal((CHECK_ROWS, input_dim)).astype(np.float32)
     reference = np.asarray(run_source(x), dtype=np.float32).reshape(x.shape[0], -1)
     with torch.no_grad():
-        ours = model.eval()(torch.from_numpy(x)).numpy()
+        ours_t = model.eval()(torch.from_numpy(x))
+        ours = (torch.log_softmax(ours_t, dim=1) if log_space else ours_t).numpy()
     if ours.shape != reference.shape:
         raise ImportMismatch(f"the source model gives outputs of shape {reference.shape}, the import "
                              f"{ours.shape}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from app.core.encoding import Encoding, raw_json_rows
 from app.core.features import TASKS, FeatureSchema, SchemaError
 
 
@@ -24,6 +25,7 @@ class TrainingTable:
     schema: FeatureSchema  # without ranges: those are learnt from the training rows
     source: str  # names the data in idempotency keys and promotion reasons
     normalize: bool  # learn per-feature mean/std at init (part of the model)
+    raw: list[str] | None = None  # tables with column types: each row as it came (JSON), stored too
 
     @property
     def task(self) -> str:
@@ -42,8 +44,12 @@ def table_from_dataset(name: str, seed: int = 0, synthetic_n: int = 20_000) -> T
 
 def table_from_file(path: Path, label_columns: list[str], features: list[str] | None = None,
                     task: str = "classification", classes: list[str] | None = None,
-                    normalize: bool = True) -> TrainingTable:
-    """A user's CSV/Parquet/NPZ file; raises ``DataFileError``/``SchemaError`` naming the problem."""
+                    normalize: bool = True, types: ColumnTypes | None = None) -> TrainingTable:
+    """A user's CSV/Parquet/NPZ file; raises ``DataFileError``/``SchemaError`` naming the problem.
+
+    CSV/Parquet columns get types (numeric, boolean, categorical), inferred or as ``types``
+    says; a table of numeric columns without missing values stays a plain numeric schema.
+    """
     from app.intake.files import DataFileError, detect_format, read_table
 
     if task not in TASKS:
@@ -52,24 +58,82 @@ def table_from_file(path: Path, label_columns: list[str], features: list[str] | 
     if task == "classification" and len(label_columns) > 1:
         raise SchemaError("classification takes one label column; several are for "
                           "multi-output regression")
-    x, labels, names = read_table(path, label_columns, features, label_kind=kind)
-    if x.shape[0] == 0:
-        raise DataFileError(f"{path}: no data rows")
-    input_shape = _input_shape(path, detect_format(path), x.shape[1])
+    types = types or ColumnTypes()
     source = f"file:{Path(path).name}"
     label_column = ",".join(label_columns) if label_columns else None
+    encoding = raw = None
+    if detect_format(path) != "npz":
+        encoding, x, raw, labels, names = _typed_table(path, label_columns, features, kind, types)
+    if encoding is None:
+        x, labels, names = read_table(path, label_columns, _kept(path, label_columns, features, types),
+                                      label_kind=kind)
+    if x.shape[0] == 0:
+        raise DataFileError(f"{path}: no data rows")
+    input_shape = (encoding.width,) if encoding else _input_shape(path, detect_format(path), x.shape[1])
     if task == "regression":
         y = np.asarray(labels, dtype=np.float32).reshape(x.shape[0], -1)
         targets = (tuple(label_columns) if label_columns and len(label_columns) == y.shape[1]
                    else tuple(f"y{i}" for i in range(y.shape[1])) if y.shape[1] > 1 else ("y",))
         schema = FeatureSchema(tuple(names), input_shape, "regression", target_names=targets,
-                               label_column=label_column, source=source)
-        return TrainingTable(x, y, schema, source, normalize)
+                               label_column=label_column, source=source, encoding=encoding)
+        return TrainingTable(x, y, schema, source, normalize, raw)
     y, class_names = encode_classes(labels, classes)
     schema = FeatureSchema(tuple(names), input_shape, "classification",
                            num_classes=_num_classes(y, class_names), class_names=class_names,
-                           label_column=label_column, source=source)
-    return TrainingTable(x, y, schema, source, normalize)
+                           label_column=label_column, source=source, encoding=encoding)
+    return TrainingTable(x, y, schema, source, normalize, raw)
+
+
+@dataclass(frozen=True)
+class ColumnTypes:
+    """The user's say on column types (``--categorical``, ``--numeric``, ``--drop``)."""
+
+    categorical: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+
+
+def _kept(path: Path, labels: list[str], features: list[str] | None, types: ColumnTypes) -> list[str] | None:
+    if not types.drop:
+        return features
+    from app.intake.files import file_columns
+
+    cols = features if features is not None else [c for c in (file_columns(path) or []) if c not in labels]
+    return [c for c in cols if c not in types.drop]
+
+
+def _typed_table(path: Path, labels: list[str], features: list[str] | None, kind: str, types: ColumnTypes
+                 ) -> tuple[Encoding | None, np.ndarray, list[str] | None, np.ndarray, list[str]]:
+    """Read the file's columns, give each a type, fit the encoding and encode. No encoding
+    (None) when every column is numeric without missing values: the plain schema of before."""
+    from app.intake.files import DataFileError, read_columns
+    from app.intake.files.typed import has_missing, infer_kind, parse_arrow
+
+    features = _kept(path, labels, features, types)
+    names, cols, y = read_columns(path, labels, features, label_kind=kind)
+    for flag, listed in (("--categorical", types.categorical), ("--numeric", types.numeric),
+                         ("--drop", types.drop)):
+        for c in listed:
+            if c not in names and not (flag == "--drop"):
+                raise DataFileError(f"{flag}: no such feature column", column=c)
+    both = set(types.categorical) & set(types.numeric)
+    if both:
+        raise DataFileError("is named in both --categorical and --numeric", column=sorted(both)[0])
+    kinds = ["categorical" if n in types.categorical else "numeric" if n in types.numeric else infer_kind(c)
+             for n, c in zip(names, cols, strict=True)]
+    if all(k == "numeric" for k in kinds) and not types.numeric and not any(has_missing(c) for c in cols):
+        return None, np.empty((0, 0), np.float32), None, y, names
+    from app.intake.files.base import BadValue
+
+    parsed = []
+    for j, (n, k, c) in enumerate(zip(names, kinds, cols, strict=True)):
+        try:
+            parsed.append(parse_arrow(c, k, n, j))
+        except BadValue as b:
+            raise b.at(1) from None
+    encoding = Encoding.fit(names, kinds, parsed)
+    x, _ = encoding.encode(parsed)
+    return encoding, x, raw_json_rows(kinds, parsed), y, encoding.input_names()
 
 
 def _input_shape(path: Path, fmt: str, width: int) -> tuple[int, ...]:

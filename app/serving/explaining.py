@@ -39,11 +39,15 @@ def explainer_of(model: DecoupledModel) -> Explainer:
 def feature_groups(schema: FeatureSchema) -> tuple[list[str], np.ndarray | None]:
     """Names contributions are reported under, and each input column's group (None: identity).
 
-    The hook for encoded inputs: when a schema maps encoded columns (one-hot blocks …) back to
-    its original columns, return (original names, column → original index) here, and a block's
-    contributions are summed into its column (``app.core.explain.group_columns``).
+    A table's encoded inputs (one-hot blocks, missing indicators) are mapped back to the column
+    they encode, and a block's contributions are summed into that column
+    (``app.core.explain.group_columns``).
     """
-    return list(schema.feature_names), None
+    if schema.encoding is None:
+        return list(schema.feature_names), None
+    names = list(schema.columns)
+    index = {name: i for i, name in enumerate(names)}
+    return names, np.asarray([index[g] for g in schema.encoded_feature_groups()], dtype=np.int64)
 
 
 def default_reference(schema: FeatureSchema, spec: ArchSpec) -> tuple[np.ndarray, str]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from app.core import pieces
 from app.core.device import pick_device
 from app.core.features import FeatureSchema
 from app.core.network import DecoupledModel
@@ -58,10 +59,16 @@ class MLPForward(torch.nn.Module):
         # default) make the gated estimator's hidden activations the selector's own ReLU
         # activations: one pass instead of two, exactly.
         self.shared = model.shares_hidden_layers()
+        # LeakyReLU / ReLU6 / Hardtanh MLPs: the same passes with their piece maps (None: all ReLU,
+        # today's code path untouched)
+        acts = [layer for layer in model.spec.layers if layer["type"] != "linear"]
+        self.acts = None if all(a["type"] == "relu" for a in acts) else acts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm is not None:
             x = (x - self.norm[0]) * self.norm[1]
+        if self.acts is not None:
+            return self._piecewise(x)
         hs = he = x
         if self.shared:
             for ws, bs in self.sel:
@@ -77,10 +84,31 @@ class MLPForward(torch.nn.Module):
         return out if self.out is None else out.mul_(self.out[0]).add_(self.out[1])
 
 
+    def _piecewise(self, x: torch.Tensor) -> torch.Tensor:
+        hs = he = x
+        ident = torch.nn.Identity()
+        if self.shared:
+            for (ws, bs), act in zip(self.sel, self.acts, strict=True):
+                he = pieces.plain(act, ident, torch.addmm(bs, he, ws))
+        else:
+            for (ws, bs), (we, be), act in zip(self.sel, self.est, self.acts, strict=False):
+                zs = torch.addmm(bs, hs, ws)
+                piece = pieces.piece(act, zs)
+                hs = pieces.plain(act, ident, zs)
+                he = pieces.gated(act, ident, torch.addmm(be, he, we), piece)
+        we, be = self.est[-1]
+        out = torch.addmm(be, he, we)
+        return out if self.out is None else out.mul_(self.out[0]).add_(self.out[1])
+
+
+_LEAN_ACTIVATIONS = {"relu", "leaky_relu", "hardtanh"}  # no parameters (PReLU takes the general path)
+
+
 def is_mlp(spec: ArchSpec) -> bool:
     kinds = [layer["type"] for layer in spec.layers]
-    return len(spec.input_shape) == 1 and set(kinds) <= {"linear", "relu"} and all(
-        kinds[i] == "linear" and (i + 1 == len(kinds) or kinds[i + 1] == "relu")
+    acts = set(kinds) - {"linear"}
+    return len(spec.input_shape) == 1 and acts <= _LEAN_ACTIVATIONS and all(
+        kinds[i] == "linear" and (i + 1 == len(kinds) or kinds[i + 1] in _LEAN_ACTIVATIONS)
         for i in range(0, len(kinds), 2))
 
 

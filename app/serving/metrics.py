@@ -81,6 +81,10 @@ class ServingMetrics:
         self.input_out_of_range = Counter(
             "skqk_input_out_of_range_rows", "rows with a feature outside the schema's range "
             "(SKQK_INPUT_RANGE warn|reject), served or refused", ["endpoint"], registry=r)
+        self.unknown_categories = Counter(
+            "skqk_unknown_categories", "values of a categorical feature outside the version's vocabulary "
+            "(SKQK_UNKNOWN_CATEGORY: served as none of the known, or refused)", ["endpoint", "feature"],
+            registry=r)
         self.model_holdout = Gauge(
             "skqk_model_holdout", "holdout metrics of the served version (classification: acc, loss; "
             "regression: rmse, mae, r2, loss)", ["metric"], registry=r, multiprocess_mode="livemostrecent")

@@ -81,60 +81,96 @@ class SampleRepository:
 
     # ---- samples ---------------------------------------------------------------------------
     @staticmethod
-    def payload_digest(x: np.ndarray, y: np.ndarray) -> str:
+    def payload_digest(x: np.ndarray, y: np.ndarray, raw: list[str] | None = None) -> str:
         h = hashlib.sha256(f"{x.shape[0]}x{x.shape[1]}:".encode())
         h.update(x.tobytes())
         if y.dtype.kind == "f":  # regression targets: the shape is part of the payload
             h.update(f"targets{y.shape}:".encode())
         h.update(y.tobytes())
+        if raw is not None:  # table rows: what came, not only its encoding
+            h.update(b"raw:" + "\n".join(raw).encode())
         return h.hexdigest()
 
     @staticmethod
-    def _sample_rows(batch_id: int, x: np.ndarray, y: np.ndarray) -> list[tuple[Any, ...]]:
+    def _sample_rows(batch_id: int, x: np.ndarray, y: np.ndarray,
+                     raw: list[str] | None = None) -> list[tuple[Any, ...]]:
         d = x.shape[1]
+        if raw is not None:
+            if y.dtype.kind == "f":
+                return [(batch_id, d, row.tobytes(), None, t.tobytes(), r)
+                        for row, t, r in zip(x, y, raw, strict=True)]
+            return [(batch_id, d, row.tobytes(), label, None, r)
+                    for row, label, r in zip(x, y.tolist(), raw, strict=True)]
         if y.dtype.kind == "f":  # regression: targets as float32 bytes, no class label
             return [(batch_id, d, row.tobytes(), None, t.tobytes()) for row, t in zip(x, y, strict=True)]
         return [(batch_id, d, row.tobytes(), label, None) for row, label in zip(x, y.tolist(), strict=True)]
 
-    def _insert_samples(self, conn: Any, batch_id: int, x: np.ndarray, y: np.ndarray) -> None:
+    def _insert_samples(self, conn: Any, batch_id: int, x: np.ndarray, y: np.ndarray,
+                        raw: list[str] | None = None) -> None:
         if self.backend == "sqlite":
             # One statement for the whole batch: SQLite slices each row out of one blob
             # (substr on a BLOB counts bytes) while json_each walks the labels, so no Python
             # or driver work happens per row; about 2× executemany on a file import.
             n, d = x.shape
+            cols = "batch_id, n_features, features, label, targets" + (", raw" if raw is not None else "")
             if y.dtype.kind == "f":
                 k = y.shape[1] * 4
-                sql = (f"INSERT INTO {samples.name} (batch_id, n_features, features, label, targets) "
-                       "SELECT ?, ?, substr(?, key * ? + 1, ?), NULL, substr(?, key * ? + 1, ?) "
+                # json_each counts the rows (and, for table rows, hands each raw row over as text)
+                rows = "[" + ",".join(raw if raw is not None else "0" * n) + "]"
+                extra = ", value" if raw is not None else ""
+                sql = (f"INSERT INTO {samples.name} ({cols}) "
+                       f"SELECT ?, ?, substr(?, key * ? + 1, ?), NULL, substr(?, key * ? + 1, ?){extra} "
                        "FROM json_each(?)")
-                rows = "[" + ",".join("0" * n) + "]"  # json_each only counts them here
                 params = (batch_id, d, x.tobytes(), 4 * d, 4 * d, y.tobytes(), k, k, rows)
+            elif raw is not None and _padded_fits(encoded := [r.encode() for r in raw]):
+                # raw rows as UTF-8 padded to one width W: SQLite slices row k out of one BLOB
+                # (byte offsets: O(1), unlike substr on TEXT, which walks the characters)
+                width = max(map(len, encoded))
+                blob = b"".join(r.ljust(width) for r in encoded)
+                sql = (f"INSERT INTO {samples.name} ({cols}) "
+                       "SELECT ?, ?, substr(?, key * ? + 1, ?), value, NULL, "
+                       "rtrim(CAST(substr(?, key * ? + 1, ?) AS TEXT)) FROM json_each(?)")
+                params = (batch_id, d, x.tobytes(), 4 * d, 4 * d, blob, width, width, json.dumps(y.tolist()))
+            elif raw is not None:  # a few very long rows: [[label, raw row], …] instead of padding
+                pairs = "[" + ",".join(f"[{lab},{r}]" for lab, r in zip(y.tolist(), raw, strict=True)) + "]"
+                sql = (f"INSERT INTO {samples.name} ({cols}) "
+                       "SELECT ?, ?, substr(?, key * ? + 1, ?), json_extract(value, '$[0]'), NULL, "
+                       "json_extract(value, '$[1]') FROM json_each(?)")
+                params = (batch_id, d, x.tobytes(), 4 * d, 4 * d, pairs)
             else:
-                sql = (f"INSERT INTO {samples.name} (batch_id, n_features, features, label, targets) "
+                sql = (f"INSERT INTO {samples.name} ({cols}) "
                        "SELECT ?, ?, substr(?, key * ? + 1, ?), value, NULL FROM json_each(?)")
                 params = (batch_id, d, x.tobytes(), 4 * d, 4 * d, json.dumps(y.tolist()))
             conn.exec_driver_sql(sql, params)
             return
-        rows = self._sample_rows(batch_id, x, y)
+        rows = self._sample_rows(batch_id, x, y, raw)
+        extra = ", raw" if raw is not None else ""
         if self.backend == "postgresql" and hasattr(conn.connection.dbapi_connection, "cursor"):
             # COPY streams the rows in the same transaction: ~4× executemany on a file import
-            sql = (f"COPY {samples.name} (batch_id, n_features, features, label, targets) "
+            sql = (f"COPY {samples.name} (batch_id, n_features, features, label, targets{extra}) "
                    "FROM STDIN (FORMAT BINARY)")
             with conn.connection.dbapi_connection.cursor() as cur, cur.copy(sql) as copy:
-                copy.set_types(["int8", "int4", "bytea", "int4", "bytea"])  # the column types
+                copy.set_types(["int8", "int4", "bytea", "int4", "bytea"]  # the column types
+                               + (["text"] if raw is not None else []))
                 for row in rows:
                     copy.write_row(row)
             return
         # straight to the driver's executemany: SQLAlchemy's per-row parameter processing
         # would cost more than the insert itself
-        conn.exec_driver_sql(self._insert_samples_sql, rows)
+        sql = self._insert_samples_sql
+        if raw is not None:
+            sql = sql.replace("targets)", "targets, raw)").replace("?)", "?, ?)").replace("%s)", "%s, %s)")
+        conn.exec_driver_sql(sql, rows)
 
     def ingest(self, features: np.ndarray, labels: np.ndarray | Iterable[int] | None = None,
-               idempotency_key: str | None = None, targets: np.ndarray | None = None) -> IngestResult:
+               idempotency_key: str | None = None, targets: np.ndarray | None = None,
+               raw: list[str] | None = None) -> IngestResult:
         """Insert a batch of samples in one transaction; a repeated key is a no-op.
 
         Classification rows carry integer ``labels`` [N]; regression rows carry float
-        ``targets`` [N] or [N, T] (stored as float32) instead.
+        ``targets`` [N] or [N, T] (stored as float32) instead. ``raw``: per row, the table
+        values as they came (a JSON array, for schemas with column types), kept beside the
+        encoded ``features``.
         """
         x = np.ascontiguousarray(features, dtype="<f4")
         if (labels is None) == (targets is None):
@@ -145,7 +181,9 @@ class SampleRepository:
             y = np.ascontiguousarray(np.asarray(labels), dtype="<i8")
         if x.ndim != 2 or y.shape[0] != x.shape[0] or x.shape[0] == 0 or (targets is None and y.ndim != 1):
             raise ValueError(f"need features [N, D] and labels [N] with N > 0; got {x.shape}, {y.shape}")
-        digest = self.payload_digest(x, y)
+        if raw is not None and len(raw) != x.shape[0]:
+            raise ValueError(f"{len(raw)} raw rows for {x.shape[0]} samples")
+        digest = self.payload_digest(x, y, raw)
         n = x.shape[0]
         now = utcnow()
         try:
@@ -153,7 +191,10 @@ class SampleRepository:
                 res = conn.execute(insert(ingest_batches).values(
                     idempotency_key=idempotency_key, payload_sha256=digest, count=n, created_at=now))
                 batch_id = int(res.inserted_primary_key[0])
-                self._insert_samples(conn, batch_id, x, y)
+                if raw is None:  # the numeric call as it always was
+                    self._insert_samples(conn, batch_id, x, y)
+                else:
+                    self._insert_samples(conn, batch_id, x, y, raw)
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -192,6 +233,13 @@ class SampleRepository:
     def max_sample_id(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.coalesce(func.max(samples.c.id), 0))).scalar_one())
+
+    def raw_rows(self, after_id: int = 0, limit: int = 10_000) -> list[tuple[int, str | None]]:
+        """(id, raw JSON row or None) of stored samples with id > ``after_id``, in id order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(samples.c.id, samples.c.raw).where(samples.c.id > after_id)
+                                .order_by(samples.c.id).limit(limit)).all()
+        return [(int(i), r) for i, r in rows]
 
     def load_samples(self, n_features: int, max_id: int | None = None,
                      batch_id: int | Iterable[int] | None = None, n_targets: int | None = None
@@ -343,3 +391,8 @@ class SampleRepository:
         with self.engine.connect() as conn:
             return sample_admin.list_audit(conn, limit, before_id)
 
+
+def _padded_fits(raw: list[bytes]) -> bool:
+    """Padding every raw row to the longest costs at most 4× their size (plus 1 MiB)."""
+    width = max(len(r) for r in raw)
+    return width * len(raw) <= 4 * sum(map(len, raw)) + (1 << 20)

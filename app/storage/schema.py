@@ -68,6 +68,8 @@ samples = Table(
     # 0003: NULL = used by retrains; set = quarantined (kept, but out of every retrain)
     Column("quarantined_at", UTCDateTime, nullable=True),
     Column("quarantine_audit_id", BigInteger, nullable=True),  # the sample_audit row that did it
+    # 0005: the row as it came (JSON array of column values) for schemas with column types
+    Column("raw", Text, nullable=True),
     # Partial: only quarantined rows are in it, so it is tiny, and a retrain's
     # "quarantined_at IS NULL" scan can never be planned through it (it stays a primary-key
     # range scan); it serves the quarantined count and quarantined=true listings.

@@ -6,10 +6,12 @@ from app.intake.files.readers import (
     detect_format,
     file_columns,
     iter_chunks,
+    read_columns,
     read_table,
     total_rows,
 )
 
 __all__ = [
-    "Chunk", "DataFileError", "detect_format", "file_columns", "iter_chunks", "read_table", "total_rows",
+    "Chunk", "DataFileError", "detect_format", "file_columns", "iter_chunks", "read_columns", "read_table",
+    "total_rows",
 ]

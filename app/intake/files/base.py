@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,10 @@ class Chunk:
     x: np.ndarray  # float32 [n, D], all finite
     labels: np.ndarray  # class: int64 or str [n]; float: float64 [n, T], all finite
     bytes_read: int | None  # CSV only: file bytes consumed so far, for progress / ETA
+    raw: list[str] | None = None  # typed tables: each row's values as a JSON array (what is stored)
+    columns: list[Any] | None = None  # typed tables read to infer types: the feature columns (pyarrow)
+    kept: Any = None  # scoring: a pyarrow Table of the columns asked to be kept, as read
+    unknown: dict[str, int] | None = None  # typed: per column, values outside its vocabulary
 
 
 class BadValue(Exception):

@@ -99,9 +99,12 @@ def _stop_at_dropped(
 def _types(plan: ColumnPlan, text: bool) -> dict[str, pa.DataType]:
     # labels for classes stay text (ints or strings, decided later); binary: bad UTF-8 is ours to find
     number = pa.binary() if text else pa.float64()
-    types = {c: number for c in plan.features}
+    # typed tables: every feature as text, parsed per column type (missing words, booleans, text)
+    types = {c: pa.binary() if plan.typed else number for c in plan.features}
     for c in plan.labels:
         types[c] = pa.binary() if plan.label_kind == "class" else number
+    for c in plan.keep:  # kept as text, exactly as in the file
+        types.setdefault(c, pa.string())
     return types
 
 

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from app.intake.files.base import Chunk, DataFileError
+from app.core.encoding import Encoding
+from app.intake.files.base import Chunk, DataFileError, list_columns
 from app.intake.files.csv_reader import csv_chunks, csv_header
 from app.intake.files.npz_reader import npz_chunks, npz_shape
 from app.intake.files.parquet_reader import parquet_chunks, parquet_columns, parquet_rows
 from app.intake.files.tables import ColumnPlan, plan_columns
 
 __all__ = [
-    "Chunk", "DataFileError", "detect_format", "file_columns", "iter_chunks", "read_table", "total_rows",
+    "Chunk", "DataFileError", "detect_format", "file_columns", "iter_chunks", "read_columns", "read_table",
+    "total_rows",
 ]
 
 _SUFFIXES = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet", ".pq": "parquet", ".npz": "npz"}
@@ -70,6 +74,7 @@ def iter_chunks(
     chunk_rows: int = 50_000,
     start_row: int = 1,
     label_kind: str = "class",
+    encoding: Encoding | None = None,
 ) -> Iterator[Chunk]:
     """Validated chunks of rows start_row, start_row + chunk_rows, … (1-based data rows).
 
@@ -83,8 +88,60 @@ def iter_chunks(
     if fmt == "npz":
         return npz_chunks(p, chunk_rows, start_row, label_kind)
     plan = _plan(p, fmt, label_columns, feature_columns, label_kind)
+    if encoding is not None:  # a table with column types: chunks carry the encoded rows and raw values
+        plan = replace(plan, typed=True, encoding=encoding)
     reader = csv_chunks if fmt == "csv" else parquet_chunks
     return reader(p, plan, chunk_rows, start_row)
+
+
+def iter_scoring_chunks(
+    path: str | os.PathLike[str], features: list[str] | None, encoding: Encoding | None, keep: list[str],
+    chunk_rows: int = 50_000,
+) -> Iterator[Chunk]:
+    """Chunks of a file to score: the features (by name; NPZ: x by position), no labels, and the
+    ``keep`` columns as read (``Chunk.kept``). Typed (``encoding``): rows come encoded."""
+    _check_args(chunk_rows, 1, "class")
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt == "npz":
+        if keep:
+            raise DataFileError("--keep: an NPZ file has no named columns to keep")
+        return npz_chunks(p, chunk_rows, 1, "class")
+    columns = csv_header(p) if fmt == "csv" else parquet_columns(p)
+    names = list(features or [])
+    for c in [*names, *keep]:
+        if c not in columns:
+            raise DataFileError(f"no such column; the file's columns are: {list_columns(columns)}", column=c)
+    order = {c: columns.index(c) for c in [*names, *keep]}
+    plan = ColumnPlan(names, [], "class", order, typed=encoding is not None, encoding=encoding,
+                      keep=tuple(keep))
+    reader = csv_chunks if fmt == "csv" else parquet_chunks
+    return reader(p, plan, chunk_rows, 1)
+
+
+def read_columns(
+    path: str | os.PathLike[str], label_columns: list[str] | None, feature_columns: list[str] | None = None,
+    label_kind: str = "class",
+) -> tuple[list[str], list[pa.ChunkedArray], np.ndarray]:
+    """A CSV/Parquet file's feature columns as read (text for CSV), for type inference; and labels."""
+    _check_args(1, 1, label_kind)
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt == "npz":
+        raise DataFileError("NPZ files hold numbers only: no column types to infer")
+    plan = replace(_plan(p, fmt, label_columns, feature_columns, label_kind), typed=True)
+    reader = csv_chunks if fmt == "csv" else parquet_chunks
+    parts: list[list[pa.ChunkedArray]] = [[] for _ in plan.features]
+    ys = []
+    for chunk in reader(p, plan, _READ_TABLE_CHUNK, 1):
+        assert chunk.columns is not None
+        for j, col in enumerate(chunk.columns):
+            parts[j].extend(col.chunks)
+        ys.append(chunk.labels)
+    cols = [pa.chunked_array(chunks) if chunks else pa.chunked_array([], type=pa.string())
+            for chunks in parts]
+    labels = np.concatenate(ys) if ys else np.empty(0, np.int64)
+    return list(plan.features), cols, labels
 
 
 def read_table(

@@ -3,7 +3,7 @@ plus weights for :class:`app.core.network.ReLUNet` (BatchNorm folded, Dropout/Id
 and the way back out (a served version → one ONNX graph).
 
 Every importer returns an :class:`ImportedNetwork`; anything that is not piecewise linear with
-ReLU gates (or not supported yet) raises :class:`UnsupportedModel` naming the op, the node and
+linear (or not supported yet) raises :class:`UnsupportedModel` naming the op, the node and
 why. Importers never unpickle anything.
 """
 
@@ -26,6 +26,8 @@ class ImportedNetwork:
     state_dict: dict[str, torch.Tensor]  # ReLUNet keys: "blocks.{i}.weight", "blocks.{i}.bias"
     source_format: str  # "onnx" | "pt2"
     notes: list[str] = field(default_factory=list)  # what was folded or removed, for the operator
+    stripped_softmax: str | None = None  # "Softmax" / "LogSoftmax" when --strip-softmax dropped one
+    class_names: list[str] | None = None  # class labels the file carries (skl2onnx), in output order
 
     def build(self):  # -> ReLUNet
         from app.core.network import ReLUNet

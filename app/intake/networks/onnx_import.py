@@ -25,8 +25,9 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from app.core.spec import ArchSpec
+from app.core.spec import ArchSpec, _layer_shape
 from app.intake.networks import ImportedNetwork, UnsupportedModel
+from app.intake.networks.refusals import SOFTMAX_FLAG_HINT, why_not_piecewise
 
 MIN_OPSET = 13
 # Ops that are smooth or otherwise not ReLU-gated: refused before anything else, so the message
@@ -37,7 +38,10 @@ NOT_PIECEWISE = {
     "Sin", "Cos", "LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention", "LayerNormalization",
     "GroupNormalization", "InstanceNormalization", "LpNormalization",
 }
-_SOFTMAX_HINT = " (export the logits: drop the final Softmax/LogSoftmax)"
+HEAD_OPS = {"Softmax", "LogSoftmax"}
+# what converters (skl2onnx) put after the probabilities: labels, maps; dropped with the softmax
+LABEL_OPS = {"ArgMax", "ZipMap", "ArrayFeatureExtractor", "Reshape", "Identity", "Cast", "Squeeze",
+             "Flatten"}
 
 
 @dataclass
@@ -77,7 +81,9 @@ class _Reader:
         self.const: dict[str, np.ndarray] = {
             t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.alias: dict[str, str] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {input_name: tuple(input_shape)}
+        self.one_d = len(input_shape) == 2  # (C, L) signals run as (C, 1, L)
+        self.shapes: dict[str, tuple[int, ...]] = {
+            input_name: (input_shape[0], 1, input_shape[1]) if self.one_d else tuple(input_shape)}
         self.layers: list[_Layer] = []
         self.notes: list[str] = []
         g = model.graph
@@ -105,8 +111,20 @@ class _Reader:
                                 "from the input (not piecewise linear with ReLU gates)")
         return self.const[name]
 
-    def add(self, node: onnx.NodeProto, kind: str, inputs: list[str], shape: tuple[int, ...],
+    def add(self, node: onnx.NodeProto, kind: str, inputs: list[str], shape: tuple[int, ...] | None,
             **kw: Any) -> None:
+        if shape is None:  # the spec's own shape rule (windows, ceil_mode, 1-D)
+            try:
+                shape = _layer_shape(len(self.layers), {"type": kind, **kw.get("attrs", {})},
+                                     [self.shapes[n] for n in inputs])
+            except ValueError as exc:
+                raise _refuse(node, str(exc)) from None
+            known = getattr(self, "value_shapes", {}).get(node.output[0])
+            if known is not None and [d for d in known if d != 1] != [d for d in shape if d != 1]:
+                # ONNX's ceil_mode rule differs from torch's where the last window would start in
+                # the end padding; serving the other shape would not be exact
+                raise _refuse(node, f"output shape {known} by ONNX shape inference, {shape} by torch's "
+                                    "rule (a ceil_mode window starting in the padding?): not supported yet")
         self.layers.append(_Layer(kind, node.op_type, _name(node), inputs, node.output[0], shape, **kw))
         self.shapes[node.output[0]] = shape
 
@@ -119,8 +137,8 @@ class _Reader:
             raise _refuse(node, f"its {what} output is used (not supported yet)")
 
     # ---- the walk --------------------------------------------------------------------------
-    def run(self) -> None:
-        for node in self.model.graph.node:
+    def run(self, nodes: list[onnx.NodeProto] | None = None) -> None:
+        for node in self.model.graph.node if nodes is None else nodes:
             if node.domain not in ("", "ai.onnx"):
                 raise _refuse(node, f"custom-domain op ({node.domain}) not supported yet")
             if node.op_type == "Constant":
@@ -148,6 +166,30 @@ class _Reader:
     def op_Identity(self, node: onnx.NodeProto) -> None:
         self.drop(node, self.act(node, node.input[0])[0], "identity")
 
+    def op_Cast(self, node: onnx.NodeProto) -> None:
+        """float32 → float32 (what converters emit around the input) is a no-op; others are refused."""
+        src, _ = self.act(node, node.input[0])
+        to = int(_attrs(node).get("to", 0))
+        if to != onnx.TensorProto.FLOAT:
+            raise _refuse(node, f"casts the activations to {onnx.TensorProto.DataType.Name(to)}; only a cast "
+                                "to float32 (a no-op here) is supported")
+        self.drop(node, src, "cast to float32, the type it already has")
+
+    def op_Squeeze(self, node: onnx.NodeProto) -> None:
+        self.same_shape(node, "squeeze")
+
+    def op_Unsqueeze(self, node: onnx.NodeProto) -> None:
+        self.same_shape(node, "unsqueeze")
+
+    def same_shape(self, node: onnx.NodeProto, what: str) -> None:
+        """A squeeze/unsqueeze of an activation is only accepted where the output shape says it changes
+        nothing per sample (the graph's shape inference must know it)."""
+        src, shape = self.act(node, node.input[0])
+        out = self.value_shapes.get(node.output[0]) if hasattr(self, "value_shapes") else None
+        if out is None or math.prod(out) != math.prod(shape):
+            raise _refuse(node, f"{what} of an activation of per-sample shape {shape}: not supported yet")
+        self.drop(node, src, f"{what} of size-1 axes")
+
     def op_Dropout(self, node: onnx.NodeProto) -> None:
         if len(node.input) > 2 and node.input[2] and bool(self.const.get(node.input[2], True)):
             raise _refuse(node, "training_mode is on; export the model in eval mode")
@@ -166,6 +208,11 @@ class _Reader:
         src, shape = self.act(node, node.input[0])
         target = [int(v) for v in self.constant(node, node.input[1], "the target shape").reshape(-1)]
         size = math.prod(shape)
+        per_sample = target[1:]
+        if target and target[0] in (-1, 0, self.fixed_batch) and all(d > 0 for d in per_sample) and (
+                per_sample == list(shape) or (self.one_d and per_sample == [shape[0], shape[2]])):
+            self.drop(node, src, "reshape to the shape it already has")
+            return
         batch_ok = {-1, 0} | ({self.fixed_batch} if self.fixed_batch else set())
         flat = len(target) == 2 and ((target[1] == size and target[0] in batch_ok)
                                      or (target[1] == -1 and target[0] in batch_ok - {-1}))
@@ -220,65 +267,98 @@ class _Reader:
     def op_Conv(self, node: onnx.NodeProto) -> None:
         src, shape = self.act(node, node.input[0])
         w = self.constant(node, node.input[1], "the weight").astype(np.float64)
-        if len(shape) != 3 or w.ndim != 4:
-            raise _refuse(node, f"only 2-D convolutions on (C, H, W) inputs are supported; input {shape}")
+        if len(shape) != 3 or w.ndim != (3 if self.one_d else 4):
+            raise _refuse(node, f"a {w.ndim - 2}-D convolution on per-sample shape {shape}: only 1-D on "
+                                "(C, L) and 2-D on (C, H, W) are supported")
         a = _attrs(node)
-        k, s, p = self.window(node, a, tuple(a.get("kernel_shape", w.shape[2:])))
+        geom = self.window(node, a, tuple(a.get("kernel_shape", w.shape[2:])), conv=True)
         groups = int(a.get("group", 1))
         if w.shape[1] * groups != shape[0]:
             raise _refuse(node, f"weight {w.shape} with group {groups} does not fit {shape[0]} channels")
+        if self.one_d:
+            w = w[:, :, None, :]  # (O, I, k) → (O, I, 1, k)
         bias = np.zeros(w.shape[0])
         if len(node.input) > 2 and node.input[2]:
             bias = self.constant(node, node.input[2], "the bias").astype(np.float64).reshape(-1)
-        out = (int(w.shape[0]), _out(shape[1], k, s, p), _out(shape[2], k, s, p))
-        self.add(node, "conv", [src], out, attrs={"out": out[0], "kernel": k, "stride": s, "padding": p,
-                                                  "groups": groups}, weight=w, bias=bias)
+        self.add(node, "conv", [src], None, attrs={"out": int(w.shape[0]), **geom, "groups": groups},
+                 weight=w, bias=bias)
 
-    def window(self, node: onnx.NodeProto, a: dict[str, Any], kernel: tuple[int, ...]
-               ) -> tuple[int, int, int]:
-        """(kernel, stride, padding) of a square, symmetric, undilated 2-D window."""
+    def window(self, node: onnx.NodeProto, a: dict[str, Any], kernel: tuple[int, ...], conv: bool = False
+               ) -> dict[str, Any]:
+        """Spec window keys from ONNX attributes (1-D windows become 1×k)."""
         if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             raise _refuse(node, f"auto_pad={a['auto_pad']}: write explicit pads (not supported yet)")
-        strides, pads = list(a.get("strides", [1, 1])), list(a.get("pads", [0, 0, 0, 0]))
-        dilations = list(a.get("dilations", [1, 1]))
-        if len(kernel) != 2 or kernel[0] != kernel[1]:
-            raise _refuse(node, f"kernel {list(kernel)}: only square 2-D kernels are supported")
-        if len(set(strides)) != 1:
-            raise _refuse(node, f"strides {strides}: only equal strides are supported")
-        if len(set(pads)) != 1:
-            raise _refuse(node, f"pads {pads}: only symmetric, equal padding is supported")
+        rank = len(kernel)
+        if rank != (1 if self.one_d else 2):
+            raise _refuse(node, f"a {rank}-D window on {'a 1-D' if self.one_d else 'a 2-D'} signal")
+        strides = [int(v) for v in a.get("strides", [1] * rank)]
+        pads = [int(v) for v in a.get("pads", [0] * 2 * rank)]
+        dilations = [int(v) for v in a.get("dilations", [1] * rank)]
+        kernel = tuple(int(k) for k in kernel)
+        if rank == 1:
+            kernel, strides, dilations = (1, kernel[0]), [1, strides[0]], [1, dilations[0]]
+            pads = [0, pads[0], 0, pads[1]]
+        if not conv and any(d != 1 for d in dilations):
+            raise _refuse(node, f"dilations {dilations[-rank:]}: dilated pools are not supported yet")
+        out: dict[str, Any] = {"kernel": list(kernel), "stride": strides, "padding": pads}
         if any(d != 1 for d in dilations):
-            raise _refuse(node, f"dilations {dilations}: dilated windows are not supported yet")
-        return int(kernel[0]), int(strides[0]), int(pads[0])
+            out["dilation"] = dilations
+        if int(a.get("ceil_mode", 0)):
+            out["ceil_mode"] = True
+        return out
 
     # ---- non-linearity and pools ---------------------------------------------------------------
     def op_Relu(self, node: onnx.NodeProto) -> None:
         src, shape = self.act(node, node.input[0])
         self.add(node, "relu", [src], shape)
 
-    def pool_input(self, node: onnx.NodeProto) -> tuple[str, tuple[int, ...], dict[str, Any]]:
+    def op_LeakyRelu(self, node: onnx.NodeProto) -> None:
+        src, shape = self.act(node, node.input[0])
+        self.add(node, "leaky_relu", [src], shape, attrs={"alpha": float(_attrs(node).get("alpha", 0.01))})
+
+    def op_PRelu(self, node: onnx.NodeProto) -> None:
+        src, shape = self.act(node, node.input[0])
+        slope = self.constant(node, node.input[1], "the slope").astype(np.float64)
+        flat = slope.reshape(-1)
+        if flat.size != 1:  # per channel: broadcast as [C, 1, 1] / [C] → one value per channel
+            flat = self.per_channel(node, slope, shape)
+        self.add(node, "prelu", [src], shape, attrs={"num_parameters": int(flat.size)}, weight=flat)
+
+    def op_Clip(self, node: onnx.NodeProto) -> None:
+        """Clip with constant bounds: ReLU6 / Hardtanh / clamp (3 pieces), or a ReLU (min 0, no max)."""
         src, shape = self.act(node, node.input[0])
         a = _attrs(node)
+        lo, hi = a.get("min"), a.get("max")  # opset < 11
+        for i, what in ((1, "min"), (2, "max")):
+            if len(node.input) > i and node.input[i]:
+                value = self.constant(node, node.input[i], f"the {what} bound").reshape(-1)
+                if value.size != 1:
+                    raise _refuse(node, f"a {what} bound of shape {value.shape}: only scalar bounds")
+                lo, hi = (float(value[0]), hi) if i == 1 else (lo, float(value[0]))
+        if lo is not None and hi is None and float(lo) == 0.0:
+            self.add(node, "relu", [src], shape)
+            return
+        if lo is not None and hi is not None and not float(lo) < float(hi):
+            raise _refuse(node, f"bounds [{lo}, {hi}] leave nothing to clip between")
+        self.add(node, "hardtanh", [src], shape, attrs={"min": None if lo is None else float(lo),
+                                                        "max": None if hi is None else float(hi)})
+
+    def pool_input(self, node: onnx.NodeProto) -> tuple[str, tuple[int, ...], dict[str, Any]]:
+        src, shape = self.act(node, node.input[0])
         if len(shape) != 3:
-            raise _refuse(node, f"needs a (C, H, W) input, got {shape}")
-        if int(a.get("ceil_mode", 0)):
-            raise _refuse(node, "ceil_mode=1 not supported yet (use floor)")
-        return src, shape, a
+            raise _refuse(node, f"needs a (C, L) or (C, H, W) input, got {shape}")
+        return src, shape, _attrs(node)
 
     def op_MaxPool(self, node: onnx.NodeProto) -> None:
-        src, shape, a = self.pool_input(node)
+        src, _shape, a = self.pool_input(node)
         self.unused_extra_outputs(node, "Indices")
-        k, s, p = self.window(node, a, tuple(a["kernel_shape"]))
-        out = (shape[0], _out(shape[1], k, s, p), _out(shape[2], k, s, p))
-        self.add(node, "maxpool", [src], out, attrs={"kernel": k, "stride": s, "padding": p})
+        self.add(node, "maxpool", [src], None, attrs=self.window(node, a, tuple(a["kernel_shape"])))
 
     def op_AveragePool(self, node: onnx.NodeProto) -> None:
-        src, shape, a = self.pool_input(node)
-        k, s, p = self.window(node, a, tuple(a["kernel_shape"]))
-        out = (shape[0], _out(shape[1], k, s, p), _out(shape[2], k, s, p))
+        src, _shape, a = self.pool_input(node)
         include = bool(a.get("count_include_pad", 0))  # ONNX's default differs from torch's
-        self.add(node, "avgpool", [src], out,
-                 attrs={"kernel": k, "stride": s, "padding": p, "count_include_pad": include})
+        self.add(node, "avgpool", [src], None,
+                 attrs={**self.window(node, a, tuple(a["kernel_shape"])), "count_include_pad": include})
 
     def op_GlobalAveragePool(self, node: onnx.NodeProto) -> None:
         src, shape, _ = self.pool_input(node)
@@ -290,10 +370,12 @@ class _Reader:
         axes = a.get("axes")
         if len(node.input) > 1 and node.input[1]:
             axes = self.constant(node, node.input[1], "axes").reshape(-1).tolist()
-        rank = len(shape) + 1
-        if len(shape) != 3 or axes is None or sorted(int(x) % rank for x in axes) != [2, 3]:
+        actual = getattr(self, "value_shapes", {}).get(node.input[0])
+        rank = len(actual) + 1 if actual else len(shape) + (0 if self.one_d else 1)
+        want = [2] if rank == 3 else [2, 3]
+        if len(shape) != 3 or axes is None or sorted(int(x) % rank for x in axes) != want:
             raise _refuse(node, f"mean over axes {axes} of a rank-{rank} tensor: only the global "
-                                "average over H and W (axes [2, 3]) is supported")
+                                f"average over the spatial axes {want} is supported")
         keep = bool(a.get("keepdims", 1))
         self.add(node, "gap", [src], (shape[0], 1, 1) if keep else (shape[0],), attrs={"keepdim": keep})
 
@@ -342,12 +424,9 @@ class _Reader:
     # ---- refusals with a better message --------------------------------------------------------
     def op_Mul(self, node: onnx.NodeProto) -> None:
         if all(self.is_act(n) for n in node.input):
-            raise _refuse(node, "a product of two activations is not piecewise linear with ReLU gates")
+            raise _refuse(node, "a product of two activations is not piecewise linear (SiLU/Swish, GELU "
+                                "and gating write x·f(x)); use ReLU, LeakyReLU, PReLU, ReLU6 or Hardtanh")
         raise _refuse(node, "scaling by a constant is not supported yet")
-
-
-def _out(size: int, k: int, s: int, p: int) -> int:
-    return (size + 2 * p - k) // s + 1
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:
@@ -413,12 +492,15 @@ def _to_spec(layers: list[_Layer], input_name: str, input_shape: tuple[int, ...]
         if layer.kind in ("linear", "conv"):
             state[f"blocks.{i}.weight"] = torch.tensor(layer.weight, dtype=torch.float32)
             state[f"blocks.{i}.bias"] = torch.tensor(layer.bias, dtype=torch.float32)
+        elif layer.kind == "prelu":
+            state[f"blocks.{i}.weight"] = torch.tensor(layer.weight, dtype=torch.float32)
     spec = ArchSpec(tuple(input_shape), tuple(spec_layers), name=name)
     try:
         shapes = spec.shapes()
     except ValueError as exc:
         raise UnsupportedModel(f"the imported layers do not form a valid spec: {exc}") from exc
-    if shapes != [layer.shape for layer in layers]:  # our shape tracking and the spec's must agree
+    # our shape tracking and the spec's must agree
+    if [tuple(s) for s in shapes] != [tuple(layer.shape) for layer in layers]:
         raise UnsupportedModel("internal: imported shapes disagree with the spec's")
     return spec, state
 
@@ -459,28 +541,104 @@ def _shape_of(value: onnx.ValueInfoProto, override: tuple[int, ...] | None
     return tuple(int(d.dim_value) for d in dims[1:]), batch
 
 
-def _prescan(model: onnx.ModelProto) -> None:
+def _head(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The final Softmax/LogSoftmax: one, whose output only feeds label/probability outputs."""
+    heads = [n for n in model.graph.node if n.op_type in HEAD_OPS]
+    return heads[0] if len(heads) == 1 else None
+
+
+def _prescan(model: onnx.ModelProto, strip_softmax: bool) -> onnx.NodeProto | None:
+    """Refuse what cannot be decoupled, naming what the user wrote; returns the softmax to strip."""
+    head = _head(model)
     for node in model.graph.node:
+        if node.op_type in HEAD_OPS:
+            if node is head and strip_softmax:
+                continue
+            if node is head:
+                raise _refuse(node, f"a final {node.op_type} is not piecewise linear{SOFTMAX_FLAG_HINT}")
+            raise _refuse(node, "not piecewise linear (a softmax inside the network)")
         if node.op_type in NOT_PIECEWISE:
-            hint = _SOFTMAX_HINT if node.op_type in ("Softmax", "LogSoftmax") else ""
-            raise _refuse(node, "not piecewise linear with ReLU gates" + hint)
+            raise _refuse(node, why_not_piecewise(node.op_type, [n.op_type for n in model.graph.node]))
+    return head if strip_softmax else None
 
 
-def import_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None) -> ImportedNetwork:
-    """Read an ONNX ReLU network (Conv/Gemm/MatMul, Relu, pools, residual Adds, foldable BN)."""
+def _ancestor_indices(model: onnx.ModelProto, target: str) -> list[int]:
+    """Positions of the nodes ``target`` depends on, in graph order."""
+    nodes = list(model.graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    needed: set[int] = set()
+    stack = [target]
+    while stack:
+        i = producer.get(stack.pop())
+        if i is not None and i not in needed:
+            needed.add(i)
+            stack.extend(x for x in nodes[i].input if x)
+    return sorted(needed)
+
+
+def _ancestors(model: onnx.ModelProto, target: str) -> list[onnx.NodeProto]:
+    nodes = list(model.graph.node)
+    return [nodes[i] for i in _ancestor_indices(model, target)]
+
+
+def class_labels(model: onnx.ModelProto) -> list[str] | None:
+    """The class labels a converter (skl2onnx) wrote next to the probabilities, in output order."""
+    for node in model.graph.node:
+        if node.op_type == "ZipMap":
+            a = _attrs(node)
+            labels = a.get("classlabels_strings") or a.get("classlabels_int64s")
+            if labels:
+                return [v.decode() if isinstance(v, bytes) else str(v) for v in labels]
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "ArrayFeatureExtractor" and node.input[0] in inits:
+            values = numpy_helper.to_array(inits[node.input[0]]).reshape(-1)
+            return [v.decode() if isinstance(v, bytes) else str(v) for v in values.tolist()]
+    return None
+
+
+def logits_model(model: onnx.ModelProto, head: onnx.NodeProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose only output is the softmax's input (the reference for the check)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.output[:]
+    out.graph.output.append(helper.make_tensor_value_info(head.input[0], onnx.TensorProto.FLOAT, None))
+    keep = set(_ancestor_indices(model, head.input[0]))
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for i, n in enumerate(model.graph.node)
+             if i in keep]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def import_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None,
+                strip_softmax: bool = False) -> ImportedNetwork:
+    """Read an ONNX piecewise-linear network (Conv/Gemm/MatMul, ReLU/LeakyReLU/PReLU/Clip, pools,
+    residual Adds, foldable BN); with ``strip_softmax`` a final Softmax/LogSoftmax and whatever
+    follows it (labels, ZipMap) are dropped and the network outputs the logits."""
     model = onnx.load(str(path))
     opset = _opset(model)
-    _prescan(model)
+    head = _prescan(model, strip_softmax)
     graph_in = _graph_input(model)
     shape, batch = _shape_of(graph_in, input_shape)
     if not model.graph.output:
         raise UnsupportedModel("the model has no outputs")
     reader = _Reader(model, graph_in.name, shape, batch, opset)
-    reader.run()
+    reader.value_shapes = _value_shapes(model)
     notes = reader.notes
-    if len(model.graph.output) > 1:
-        notes.append(f"using the first of {len(model.graph.output)} outputs ({model.graph.output[0].name!r})")
-    out = reader.resolve(model.graph.output[0].name)
+    if head is not None:
+        reader.run(_ancestors(model, head.input[0]))
+        out = reader.resolve(head.input[0])
+        dropped = sorted({n.op_type for n in model.graph.node} - {n.op_type for n in _ancestors(
+            model, head.input[0])})
+        notes.append(f"--strip-softmax: removed {head.op_type} node {_name(head)!r} and what follows it "
+                     f"({', '.join(dropped)}); the outputs are the logits (same predictions)")
+    else:
+        reader.run()
+        if len(model.graph.output) > 1:
+            notes.append(f"using the first of {len(model.graph.output)} outputs "
+                         f"({model.graph.output[0].name!r})")
+        out = reader.resolve(model.graph.output[0].name)
     layers = _fold_affines(reader.layers, reader.read, notes)
     by_output = {layer.output: layer for layer in layers}
     last = by_output.get(out)
@@ -491,17 +649,34 @@ def import_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None) ->
     layers = _live(layers, out, notes)
     name = f"onnx:{Path(path).stem}"
     spec, state = _to_spec(layers, graph_in.name, shape, name)
-    return ImportedNetwork(spec=spec, state_dict=state, source_format="onnx", notes=notes)
+    labels = class_labels(model) if head is not None else None
+    return ImportedNetwork(spec=spec, state_dict=state, source_format="onnx", notes=notes,
+                           stripped_softmax=head.op_type if head is not None else None, class_names=labels)
 
 
-def run_onnx(path: str | Path, x: np.ndarray) -> np.ndarray:
+def _value_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes that ONNX shape inference knows (for squeeze/unsqueeze no-ops)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is a help, not a requirement
+        return {}
+    out: dict[str, tuple[int, ...]] = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) >= 1 and all(d.HasField("dim_value") for d in dims[1:]):
+            out[v.name] = tuple(int(d.dim_value) for d in dims[1:])
+    return out
+
+
+def run_onnx(path: str | Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """The model's first output on ``x`` (flat rows or already shaped) with onnxruntime on CPU.
 
     A graph with a fixed batch size is run in chunks of that size (the last one zero-padded).
     """
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    source = path.SerializeToString() if isinstance(path, onnx.ModelProto) else str(path)
+    sess = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     meta = sess.get_inputs()[0]
     x = np.asarray(x, dtype=np.float32)
     n = x.shape[0]

@@ -23,6 +23,7 @@ from torch import fx
 
 from app.core.spec import ArchSpec, _layer_shape
 from app.intake.networks import ImportedNetwork, UnsupportedModel
+from app.intake.networks.refusals import SOFTMAX_FLAG_HINT, why_not_piecewise
 
 # Ops that only copy or re-label their first argument in eval mode.
 _ALIASES = {"clone", "alias", "contiguous", "detach", "detach_", "dropout", "feature_dropout",
@@ -83,15 +84,22 @@ def _readers(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _square(node: fx.Node, value: Any, what: str, default: int) -> int:
-    """An int from an int or a 1/2-element list; non-square windows are refused."""
+def _pair(node: fx.Node, value: Any, what: str, default: int, one_d: bool) -> list[int]:
+    """[h, w] from an int or a list (a 1-D op's [k] becomes [1, k])."""
     if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
-        return default
+        return [1 if one_d else default, default]
     if isinstance(value, (list, tuple)):
-        if len(value) not in (1, 2) or len(set(int(v) for v in value)) != 1:
-            raise _refuse(node, f"non-square {what} {list(value)}: not supported yet", _NotYet)
-        return int(value[0])
-    return int(value)
+        values = [int(v) for v in value]
+        if one_d:
+            if len(values) != 1:
+                raise _refuse(node, f"{what} {values} on a 1-D signal", _NotYet)
+            return [1 if what != "padding" else 0, values[0]]
+        if len(values) == 1:
+            return values * 2
+        if len(values) != 2:
+            raise _refuse(node, f"{what} {values}: only 1-D and 2-D windows are supported", _NotYet)
+        return values
+    return [1 if one_d and what != "padding" else (0 if one_d else int(value)), int(value)]
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -118,6 +126,9 @@ class _Walk:
     producer: dict[int, fx.Node] = field(default_factory=dict)  # the node whose value is layer i
     env: dict[fx.Node, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    prelu: dict[int, torch.Tensor] = field(default_factory=dict)  # PReLU slopes by layer
+    strip_softmax: bool = False
+    stripped: str | None = None
 
     # ---- values --------------------------------------------------------------------------
     def value(self, node: fx.Node, arg: Any) -> Any:
@@ -142,7 +153,14 @@ class _Walk:
         raise _refuse(node, "expected a constant weight here; not supported yet", _NotYet)
 
     def shape_of(self, a: _Act) -> tuple[int, ...]:
-        return self.input_shape if a.layer == -1 else self.shapes[a.layer]
+        if a.layer == -1:  # a 1-D (C, L) input runs as (C, 1, L)
+            shape = self.input_shape
+            return (shape[0], 1, shape[1]) if len(shape) == 2 else shape
+        return self.shapes[a.layer]
+
+    @property
+    def one_d(self) -> bool:
+        return len(self.input_shape) == 2
 
     # ---- layers --------------------------------------------------------------------------
     def add_layer(self, node: fx.Node, layer: dict[str, Any], ins: list[_Act],
@@ -186,6 +204,8 @@ def _check_meta_shape(node: fx.Node, shape: tuple[int, ...]) -> None:
     if not isinstance(val, torch.Tensor):
         return
     traced = _static(val.shape[1:])
+    if len(traced) != len(shape):  # a 1-D tensor (C, L) is (C, 1, L) here
+        traced, shape = tuple(t for t in traced if t != 1), tuple(s for s in shape if s != 1)
     agree = len(traced) == len(shape) and all(t in (None, s) for t, s in zip(traced, shape, strict=True))
     if not agree:
         raise _refuse(node, f"output shape {tuple(val.shape[1:])} differs from the layer's {shape} "
@@ -234,21 +254,30 @@ def _conv(w: _Walk, node: fx.Node) -> _Act:
     else:
         stride, padding = _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0)
         dilation, groups = _arg(node, 5, "dilation", 1), _arg(node, 6, "groups", 1)
-    if weight is None or weight.dim() != 4:
-        raise _refuse(node, "only 2-D convolutions are supported yet", _NotYet)
-    k = _square(node, list(weight.shape[2:]), "kernel", 1)
-    if _square(node, dilation, "dilation", 1) != 1:
-        raise _refuse(node, "dilation ≠ 1: not supported yet", _NotYet)
-    s = _square(node, stride, "stride", 1)
+    one_d = w.one_d
+    if weight is None or weight.dim() != (3 if one_d else 4):
+        raise _refuse(node, "only 1-D convolutions on (C, L) and 2-D on (C, H, W) inputs are supported yet",
+                      _NotYet)
+    if one_d:
+        weight = weight.unsqueeze(2)  # (O, I, k) → (O, I, 1, k)
+    k = [int(v) for v in weight.shape[2:]]
+    d = _pair(node, dilation, "dilation", 1, one_d)
+    s = _pair(node, stride, "stride", 1, one_d)
     if isinstance(padding, str):  # conv2d.padding overload: 'valid' / 'same'
-        if padding == "same" and (s != 1 or k % 2 == 0):
+        if padding == "same" and (s != [1, 1] or any((kk - 1) * dd % 2 for kk, dd in zip(k, d, strict=True))):
             raise _refuse(node, "padding='same' with an even kernel or a stride: not supported yet", _NotYet)
-        p = 0 if padding == "valid" else (k - 1) // 2
+        p = [0, 0] if padding == "valid" else [(kk - 1) * dd // 2 for kk, dd in zip(k, d, strict=True)]
     else:
-        p = _square(node, padding, "padding", 0)
+        p = _pair(node, padding, "padding", 0, one_d)
     out = int(weight.shape[0])
     b = torch.zeros(out, dtype=torch.float64) if bias is None else bias
-    layer = {"type": "conv", "out": out, "kernel": k, "stride": s, "padding": p, "groups": int(groups)}
+    if k[0] == k[1] and s[0] == s[1] and p[0] == p[1] and d == [1, 1]:  # the plain square window
+        layer = {"type": "conv", "out": out, "kernel": k[0], "stride": s[0], "padding": p[0],
+                 "groups": int(groups)}
+    else:
+        layer = {"type": "conv", "out": out, "kernel": k, "stride": s, "padding": p, "groups": int(groups)}
+        if d != [1, 1]:
+            layer["dilation"] = d
     return w.add_layer(node, layer, [x], (weight, b))
 
 
@@ -257,6 +286,54 @@ def _relu(w: _Walk, node: fx.Node) -> _Act:
     out = w.add_layer(node, {"type": "relu"}, [w.act(node, src)])
     if _op(node).endswith("_") and isinstance(src, fx.Node):
         w.env[src] = out  # in place: later readers of the argument see the rectified value
+    return out
+
+
+def _leaky_relu(w: _Walk, node: fx.Node) -> _Act:
+    alpha = float(_arg(node, 1, "negative_slope", 0.01))
+    return _activation(w, node, {"type": "leaky_relu", "alpha": alpha})
+
+
+def _hardtanh(w: _Walk, node: fx.Node) -> _Act:
+    op = _op(node).rstrip("_")
+    if op == "relu6":
+        lo, hi = 0.0, 6.0
+    elif op == "hardtanh":
+        lo, hi = float(_arg(node, 1, "min_val", -1.0)), float(_arg(node, 2, "max_val", 1.0))
+    else:  # clamp / clip / clamp_min / clamp_max with constant bounds
+        lo_arg = None if op == "clamp_max" else _arg(node, 1, "min")
+        hi_arg = (_arg(node, 1, "max") if op == "clamp_max" else
+                  None if op == "clamp_min" else _arg(node, 2, "max"))
+        for v in (lo_arg, hi_arg):
+            if v is not None and not isinstance(v, (int, float)):
+                raise _refuse(node, "clamp with tensor bounds: only constant scalar bounds are supported",
+                              _NotYet)
+        lo = None if lo_arg is None else float(lo_arg)
+        hi = None if hi_arg is None else float(hi_arg)
+        if lo == 0.0 and hi is None:
+            return _activation(w, node, {"type": "relu"})
+    return _activation(w, node, {"type": "hardtanh", "min": lo, "max": hi})
+
+
+def _prelu(w: _Walk, node: fx.Node) -> _Act:
+    x = w.act(node, node.args[0])
+    slope = w.const(node, node.args[1])
+    if slope is None:
+        raise _refuse(node, "PReLU without a constant slope: not supported yet", _NotYet)
+    flat = slope.reshape(-1)
+    channels = w.shape_of(x)[0]
+    if flat.numel() not in (1, channels):
+        raise _refuse(node, f"PReLU with {flat.numel()} slopes for {channels} channels", _NotYet)
+    out = w.add_layer(node, {"type": "prelu", "num_parameters": int(flat.numel())}, [x])
+    w.prelu[out.layer] = flat.detach().to(torch.float32)
+    return out
+
+
+def _activation(w: _Walk, node: fx.Node, layer: dict[str, Any]) -> _Act:
+    src = node.args[0]
+    out = w.add_layer(node, layer, [w.act(node, src)])
+    if _op(node).endswith("_") and isinstance(src, fx.Node):
+        w.env[src] = out  # in place: later readers of the argument see the activated value
     return out
 
 
@@ -288,26 +365,37 @@ def _batch_norm(w: _Walk, node: fx.Node) -> Any:
     return out if op == "batch_norm" else (out, None, None)
 
 
+def _pool_window(w: _Walk, node: fx.Node, ceil_index: int) -> dict[str, Any]:
+    """kernel/stride/padding (+ ceil_mode) of a 1-D or 2-D pool; square ones keep int keys."""
+    one_d = _op(node).startswith(("max_pool1d", "avg_pool1d"))
+    if one_d != w.one_d:
+        raise _refuse(node, "a pool whose rank differs from the input's: not supported yet", _NotYet)
+    k = _pair(node, node.args[1], "kernel", 1, one_d)
+    stride = _arg(node, 2, "stride")
+    s = k if stride is None or (isinstance(stride, (list, tuple)) and not stride) else \
+        _pair(node, stride, "stride", 1, one_d)
+    p = _pair(node, _arg(node, 3, "padding", 0), "padding", 0, one_d)
+    ceil = bool(_arg(node, ceil_index, "ceil_mode", False))
+    if k[0] == k[1] and s[0] == s[1] and p[0] == p[1] and not ceil:
+        return {"kernel": k[0], "stride": s[0], "padding": p[0]}
+    return {"kernel": k, "stride": s, "padding": p, **({"ceil_mode": True} if ceil else {})}
+
+
 def _maxpool(w: _Walk, node: fx.Node) -> Any:
     x = w.act(node, node.args[0])
-    k = _square(node, node.args[1], "kernel", 1)
-    s = _square(node, _arg(node, 2, "stride"), "stride", k)
-    p = _square(node, _arg(node, 3, "padding", 0), "padding", 0)
-    if _square(node, _arg(node, 4, "dilation", 1), "dilation", 1) != 1:
+    dilation = _arg(node, 4, "dilation", 1)
+    if any(int(v) != 1 for v in (dilation if isinstance(dilation, (list, tuple)) else [dilation])):
         raise _refuse(node, "dilation ≠ 1: not supported yet", _NotYet)
-    out = w.add_layer(node, {"type": "maxpool", "kernel": k, "stride": s, "padding": p}, [x])
-    return (out, None) if _op(node) == "max_pool2d_with_indices" else out
+    out = w.add_layer(node, {"type": "maxpool", **_pool_window(w, node, 5)}, [x])
+    return (out, None) if _op(node).endswith("_with_indices") else out
 
 
 def _avgpool(w: _Walk, node: fx.Node) -> _Act:
     x = w.act(node, node.args[0])
-    k = _square(node, node.args[1], "kernel", 1)
-    s = _square(node, _arg(node, 2, "stride"), "stride", k)
-    p = _square(node, _arg(node, 3, "padding", 0), "padding", 0)
     if _arg(node, 6, "divisor_override") is not None:
         raise _refuse(node, "divisor_override: not supported yet", _NotYet)
-    layer = {"type": "avgpool", "kernel": k, "stride": s, "padding": p,
-             "count_include_pad": bool(_arg(node, 5, "count_include_pad", True))}
+    include = _arg(node, 5, "count_include_pad", True)
+    layer = {"type": "avgpool", **_pool_window(w, node, 4), "count_include_pad": bool(include)}
     return w.add_layer(node, layer, [x])
 
 
@@ -316,7 +404,7 @@ def _adaptive_avgpool(w: _Walk, node: fx.Node) -> _Act:
     size = node.args[1]
     target = (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
     shape = w.shape_of(x)
-    if target == (1, 1):
+    if all(t == 1 for t in target):  # global pooling (1-D: over L)
         return w.add_layer(node, {"type": "gap", "keepdim": True}, [x])
     if len(shape) == 3 and target[0] == target[1] and shape[1] == shape[2] and shape[1] % target[0] == 0:
         k = shape[1] // target[0]  # evenly dividing windows: a plain average pool
@@ -327,10 +415,11 @@ def _adaptive_avgpool(w: _Walk, node: fx.Node) -> _Act:
 
 def _mean(w: _Walk, node: fx.Node) -> _Act:
     x = w.act(node, node.args[0])
-    ndim = len(w.shape_of(x)) + 1
+    src = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    ndim = src.dim() if isinstance(src, torch.Tensor) else len(w.shape_of(x)) + 1
     dims = _arg(node, 1, "dim")
     dims = [dims] if isinstance(dims, int) else list(dims or [])
-    if ndim != 4 or sorted(d % ndim for d in dims) != [2, 3]:
+    if len(w.shape_of(x)) != 3 or sorted(d % ndim for d in dims) != ([2] if ndim == 3 else [2, 3]):
         raise _refuse(node, f"mean over dims {dims} of a rank-{ndim} tensor: not supported yet", _NotYet)
     return w.add_layer(node, {"type": "gap", "keepdim": bool(_arg(node, 2, "keepdim", False))}, [x])
 
@@ -348,6 +437,8 @@ def _reshape(w: _Walk, node: fx.Node) -> _Act:
                       "dimension: not supported yet", _NotYet)
     if _static(out) == _static(src.shape[1:]):
         return x  # nothing changes per sample
+    if len(out) > 1 and [d for d in _static(out) if d != 1] == [d for d in shape if d != 1]:
+        return x  # only size-1 axes come or go (1-D pools are unsqueeze → 2-D pool → squeeze)
     if len(out) == 1:
         return w.add_layer(node, {"type": "flatten"}, [x])
     if x.layer == -1 and not w.layers and all(isinstance(d, int) for d in out) and \
@@ -427,8 +518,15 @@ def _getitem(w: _Walk, node: fx.Node) -> Any:
 _HANDLERS: dict[str, Callable[[_Walk, fx.Node], Any]] = {
     "linear": _linear, "addmm": _addmm, "mm": _mm, "matmul": _mm,
     "conv2d": _conv, "convolution": _conv, "_convolution": _conv,
-    "relu": _relu, "relu_": _relu,
+    "relu": _relu, "relu_": _relu, "leaky_relu": _leaky_relu, "leaky_relu_": _leaky_relu,
+    "prelu": _prelu, "_prelu_kernel": _prelu,
+    **dict.fromkeys(["hardtanh", "hardtanh_", "relu6", "relu6_", "clamp", "clamp_", "clip", "clip_",
+                     "clamp_min", "clamp_min_", "clamp_max", "clamp_max_"], _hardtanh),
+    "conv1d": _conv,
     "max_pool2d": _maxpool, "max_pool2d_with_indices": _maxpool,
+    "max_pool1d": _maxpool, "max_pool1d_with_indices": _maxpool, "avg_pool1d": _avgpool,
+    "adaptive_avg_pool1d": _adaptive_avgpool,
+    "squeeze": _reshape, "unsqueeze": _reshape,
     "avg_pool2d": _avgpool, "adaptive_avg_pool2d": _adaptive_avgpool,
     "_adaptive_avg_pool2d": _adaptive_avgpool, "mean": _mean,
     "flatten": _reshape, "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape,
@@ -476,13 +574,14 @@ def _program_input_shape(node: fx.Node, override: tuple[int, ...] | None) -> tup
     return override
 
 
-def _walk(ep: torch.export.ExportedProgram, input_shape: tuple[int, ...] | None) -> _Walk:
+def _walk(ep: torch.export.ExportedProgram, input_shape: tuple[int, ...] | None,
+          strip_softmax: bool = False) -> _Walk:
     graph = ep.graph_module.graph
     consts, user_inputs = _placeholders(ep)
     inputs = [n for n in graph.nodes if n.op == "placeholder" and n.name in user_inputs]
     if len(inputs) != 1:
         raise UnsupportedModel(f"the program takes {len(inputs)} inputs; exactly one tensor is supported")
-    walk = _Walk(_program_input_shape(inputs[0], input_shape), inputs[0])
+    walk = _Walk(_program_input_shape(inputs[0], input_shape), inputs[0], strip_softmax=strip_softmax)
     for node in graph.nodes:
         if node.op == "placeholder":
             walk.env[node] = _Act(-1) if node is inputs[0] else consts.get(node.name)
@@ -513,9 +612,16 @@ def _call(w: _Walk, node: fx.Node) -> Any:
             raise _refuse(node, "dropout in training mode; call model.eval() before export")
         w.notes.append(f"removed {op} {node.name!r}")
         return args[0]
+    if op in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
+        final = [u.op for u in node.users] == ["output"]
+        if final and w.strip_softmax:
+            w.stripped = "LogSoftmax" if "log" in op else "Softmax"
+            w.notes.append(f"--strip-softmax: removed {op} {node.name!r}; the outputs are the logits")
+            return w.act(node, node.args[0])
+        raise _refuse(node, f"a {'final ' if final else ''}{op} is not piecewise linear"
+                      + (SOFTMAX_FLAG_HINT if final else ""))
     if op in _NOT_PL:
-        hint = " (export the logits instead)" if "softmax" in op else ""
-        raise _refuse(node, f"not piecewise linear with ReLU gates{hint}")
+        raise _refuse(node, why_not_piecewise(op))
     handler = _HANDLERS.get(op)
     if handler is None:
         raise _refuse(node, "not supported yet", _NotYet)
@@ -567,7 +673,9 @@ def _to_imported(w: _Walk) -> ImportedNetwork:
     for i, (weight, bias) in sorted(w.weights.items()):
         state[f"blocks.{i}.weight"] = weight.to(torch.float32).contiguous()
         state[f"blocks.{i}.bias"] = bias.to(torch.float32).contiguous()
-    return ImportedNetwork(spec, state, "pt2", w.notes)
+    for i, slope in w.prelu.items():
+        state[f"blocks.{i}.weight"] = slope.contiguous()
+    return ImportedNetwork(spec, state, "pt2", w.notes, stripped_softmax=w.stripped)
 
 
 def _programs(ep: torch.export.ExportedProgram) -> Iterable[tuple[str, torch.export.ExportedProgram]]:
@@ -577,13 +685,14 @@ def _programs(ep: torch.export.ExportedProgram) -> Iterable[tuple[str, torch.exp
     yield "core ATen", ep.run_decompositions()
 
 
-def import_pt2(path: str | Path, input_shape: tuple[int, ...] | None = None) -> ImportedNetwork:
+def import_pt2(path: str | Path, input_shape: tuple[int, ...] | None = None,
+               strip_softmax: bool = False) -> ImportedNetwork:
     """A ``torch.export.save`` program → spec + ReLUNet weights (BatchNorm folded, Dropout removed)."""
     ep = _load(path)
     first: _NotYet | None = None
     for label, program in _programs(ep):
         try:
-            imported = _to_imported(_walk(program, input_shape))
+            imported = _to_imported(_walk(program, input_shape, strip_softmax))
         except _NotYet as e:
             first = first or e
             continue
