@@ -176,8 +176,10 @@ class Settings(BaseSettings):
                                                              "volume lets sharded workers share it")
     feature_cache_keep: int = Field(3, ge=1, description="feature caches (selector versions) kept on disk")
     retrain_refit_max_rows: int = Field(
-        0, ge=0, description="qk refit: use every new training row and a fixed, id-hashed sample of the old "
-                             "ones, weighted, up to this many rows (0: every row, exact full batch)")
+        200_000, ge=0, description="qk refit: above this many training rows, use every new one and a "
+                                   "fixed, id-hashed, reweighted sample of the old ones, about this many "
+                                   "rows in all (cost follows the new data); at or below it, or 0: every "
+                                   "row, exact full batch")
     retention: Literal["all", "last_n", "last_days"] = Field(
         "all", description="what a retrain trains and judges on: all samples, the last N, the last T days")
     retention_n: int = Field(1_000_000, ge=1, description="retention=last_n: this many newest samples")

@@ -5,6 +5,11 @@ into Postgres (rows/s), and `/ingest` latency as the table grows (issue 13).
 Usage: ``python bench/scale.py [--sizes 100000,1000000,3000000] [--backends sqlite,postgres]
 [--epochs 3] [--memory-mb 1024] [--no-write]``
 
+``--refit-only [--repeats 3]``: only the QK comparison of issue 23 (default settings, i.e. the
+bounded refit above SKQK_RETRAIN_REFIT_MAX_ROWS, against the exact refit, each ``--repeats``
+times on the very same store state: the candidate is rolled back after each run), written to
+its own section (``scale_refit``) of docs/BENCHMARKS.md.
+
 Per backend, one store grows through the sizes. It starts from a version 1 bootstrapped on
 20,000 synthetic teacher-labelled rows (``app.core.data.synthetic_arrays``: 64 standard-normal
 features, 10 classes; nothing is downloaded) with ``mlp:256-256``; more rows of the same
@@ -181,6 +186,81 @@ def bench_backend(backend: str, sizes: list[int], work: Path, memory_mb: int, ep
     return rows, costs, rate
 
 
+def bench_refit(sizes: list[int], work: Path, memory_mb: int, repeats: int) -> list[dict[str, Any]]:
+    """QK with default settings vs the exact refit (SKQK_RETRAIN_REFIT_MAX_ROWS=0), SQLite, on the
+    same store state each: 10 k rows new since the champion, the candidate rolled back after each run."""
+    from app.serving.bootstrap import bootstrap_version
+
+    from app.settings import Settings
+    from app.storage import open_store
+
+    data_dir = work / "refit"
+    env = child_env(data_dir, None, memory_mb, 3)
+    exact_env = {**env, "SKQK_RETRAIN_REFIT_MAX_ROWS": "0"}
+    settings = Settings(data_dir=data_dir, database_url=None, bootstrap_dataset="synthetic",
+                        bootstrap_arch="mlp:256-256", bootstrap_epochs=5, device="cpu")
+    store = open_store(settings.resolved_database_url)
+    bootstrap_version(store, settings, synthetic_n=SEED_ROWS)
+    out = []
+    for size in sizes:
+        grow(store, size, seed=1, timings=[])
+        run_child("qk", exact_env)  # brings cache and watermark up to date: the "last retrain"
+        grow(store, size + NEW_ROWS, seed=2, timings=[])
+        champion = store.active_version()
+        runs: dict[str, list[tuple[float, int, dict[str, Any]]]] = {"default": [], "exact": []}
+        for _ in range(repeats):
+            for name, e in (("default", env), ("exact", exact_env)):
+                runs[name].append(run_child("qk", e))
+                store.activate(champion, "bench", "the next run sees the same state")
+        row: dict[str, Any] = {"size": size}
+        for name, rs in runs.items():
+            row[name] = {"s": statistics.median(r[0] for r in rs), "all_s": [round(r[0], 1) for r in rs],
+                         "rss_mb": max(r[1] for r in rs) / 2**20,
+                         "job_s": statistics.median(r[2]["_job_s"] for r in rs),
+                         "train_s": statistics.median(r[2]["timings"]["train_s"] for r in rs),
+                         "acc": [r[2]["candidate"]["holdout_acc"] for r in rs],
+                         "refit": rs[0][2].get("refit") or {}, "n_samples": rs[0][2]["n_samples"]}
+        print(json.dumps(row, default=str), flush=True)
+        out.append(row)
+    store.dispose()
+    return out
+
+
+def refit_section(rows: list[dict[str, Any]], memory_mb: int, repeats: int, wall: float) -> str:
+    table = []
+    for r in rows:
+        d, e = r["default"], r["exact"]
+        da, ea = statistics.median(d["acc"]), statistics.median(e["acc"])
+        kind = d["refit"].get("kind", "?")
+        if kind == "sampled":
+            kind += f" (p={d['refit']['old_fraction']:.3f}, ≈{d['refit']['expected_rows']:,} rows)"
+        table.append([f"{d['n_samples']:,}", kind, f"{d['s']:.1f}", f"{d['job_s']:.1f}",
+                      f"{d['train_s']:.2f}", f"{da:.4f}", f"{e['s']:.1f}", f"{e['job_s']:.1f}",
+                      f"{e['train_s']:.2f}", f"{ea:.4f}",
+                      f"{100 * (da - ea):+.3f}", f"{d['rss_mb']:,.0f} / {e['rss_mb']:,.0f}"])
+    lo, hi = rows[0]["default"], rows[-1]["default"]
+    ratio = hi["s"] / lo["s"]
+    exact_ratio = rows[-1]["exact"]["s"] / rows[0]["exact"]["s"]
+    headers = ["samples in the retrain", "default refit", "QK default s", "job s", "refit s",
+               "holdout acc", "QK exact s", "job s", "refit s", "holdout acc", "Δ acc (points)",
+               "peak RSS MB default / exact"]
+    return (f"## QK retrain cost follows the new data (`bench/scale.py --refit-only`)\n\n{machine_info()}; "
+            f"SQLite, SKQK_RETRAIN_MEMORY_MB={memory_mb}, one torch thread per process, niced on a shared "
+            f"machine; median of {repeats} runs each; whole run {wall:.0f} s.\n\n"
+            "Each size has 10,000 samples ingested since the champion's retrain (its feature cache warm). "
+            "`QK default`: a QK retrain with default settings (SKQK_RETRAIN_REFIT_MAX_ROWS=200000: above "
+            "200,000 training rows every new row plus an id-hashed, reweighted sample of the old ones, "
+            "warm-started from the champion's readout). `QK exact`: the same with "
+            "SKQK_RETRAIN_REFIT_MAX_ROWS=0 (every row). Both run on the very same store state (the "
+            "candidate is rolled back after each run), as fresh processes: `s` is the wall time "
+            "(start-up and imports included), `job s` the job alone, `refit s` the readout refit.\n\n"
+            f"{markdown_table(headers, table)}\n\n"
+            f"QK default at {hi['n_samples']:,} / at {lo['n_samples']:,}: **{ratio:.2f}×** wall "
+            f"(target ≤ 3×); the exact refit: {exact_ratio:.2f}×. All runs (s): "
+            + "; ".join(f"{r['size']:,}: default {r['default']['all_s']}, exact {r['exact']['all_s']}"
+                        for r in rows) + ".\n")
+
+
 def store_bytes(store: Any, data_dir: Path) -> int:
     """The samples table's size on disk (SQLite: the whole file; Postgres: table + indexes + TOAST)."""
     if store.backend == "sqlite":
@@ -217,12 +297,25 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--memory-mb", type=int, default=1024)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--refit-only", action="store_true", help="only QK default vs exact refit (SQLite)")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if args.child:
         child(args.child)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="skqk-scale-"))
+    if args.refit_only:
+        started = time.perf_counter()
+        try:
+            rows = bench_refit(sizes, work, args.memory_mb, args.repeats)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        text = refit_section(rows, args.memory_mb, args.repeats, time.perf_counter() - started)
+        print(text)
+        if not args.no_write:
+            write_section("scale_refit", text)
+        return
     all_rows: list[list[object]] = []
     all_costs: list[list[object]] = []
     rates: dict[str, dict[str, float]] = {}

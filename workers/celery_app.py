@@ -6,6 +6,11 @@
   CUDA (it only forks), each retrain gets a fresh child with a clean CUDA context.
 - broker visibility_timeout above the hard time limit, or Redis would redeliver a task
   that is still running.
+- ``SKQK_RETRAIN_THREADS`` torch threads in every pool child (``worker_process_init``) and
+  again at the start of each task: a retrain's floats depend on the thread count, so workers
+  on machines of any size give bit-identical results at the same setting, as the embedded
+  runner does; and one thread per retrain is what keeps several workers (or a worker and the
+  API) on one host from oversubscribing its cores (docs/OPERATIONS.md, "Threads").
 - a heartbeat per worker in Redis (``app.retrain.worker_presence``), started when the worker
   is ready and removed when it shuts down: ``POST /retrain`` answers 503 when no worker
   consumes the queue instead of queueing a job nobody will run.
@@ -55,6 +60,26 @@ celery_app = make_celery()
 
 
 _heartbeat: Heartbeat | None = None
+
+
+def apply_retrain_threads() -> int:
+    """Torch threads of this process for retrain work: ``SKQK_RETRAIN_THREADS`` (default 1)."""
+    import contextlib
+
+    import torch
+
+    threads = get_settings().retrain_threads
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only before any inter-op work started
+        torch.set_num_interop_threads(1)
+    return threads
+
+
+@signals.worker_process_init.connect
+def _pool_child_threads(**_kwargs: Any) -> None:
+    """In each prefork pool child, right after the fork, before it takes a task."""
+    apply_retrain_threads()
 
 
 @signals.worker_ready.connect

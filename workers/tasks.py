@@ -38,7 +38,7 @@ from app.retrain.sharded_features import SHARD_TASK, run_shard, sharded_pass
 from app.serving.models import load_model
 from app.settings import Settings, get_settings
 from app.storage import Store
-from workers.celery_app import celery_app
+from workers.celery_app import apply_retrain_threads, celery_app
 
 log = logging.getLogger("skqk.worker")
 
@@ -88,6 +88,7 @@ def _pause_for_tests(settings: Settings, progress: dict[str, Any], stop: Callabl
 @celery_app.task(name="workers.tasks.retrain", bind=True)
 def retrain(self: Any, job_id: str, mode: str) -> dict[str, Any]:
     settings = get_settings()
+    apply_retrain_threads()  # also under a pool that is not prefork (solo, threads)
     store = Store(settings.resolved_database_url)
     client = redis_client(settings.redis_url)
     lease = settings.retrain_lease_s
@@ -168,6 +169,7 @@ def feature_shard(version: int, key: str, window: dict[str, Any], block_ids: int
     """One shard of a QK retrain's feature pass (app.retrain.sharded_features): compute the
     blocks no other worker has, into the shared feature cache."""
     settings = get_settings()
+    apply_retrain_threads()
     store = Store(settings.resolved_database_url)
     try:
         model, _record = load_model(store, version)

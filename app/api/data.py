@@ -66,7 +66,8 @@ def _ingest(st: AppState, body: bytes) -> dict[str, object]:
     else:
         st.metrics.ingest_requests.labels("accepted").inc()
         st.metrics.ingest_samples.inc(result.accepted)
-    return {"accepted": result.accepted, "total_samples": result.total_samples,
+    # a duplicate stored nothing now: accepted 0 (the first request's answer said how many)
+    return {"accepted": 0 if result.duplicate else result.accepted, "total_samples": result.total_samples,
             "duplicate": result.duplicate}
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -183,8 +184,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             if own_store:
                 st_store.dispose()
 
-    app = FastAPI(title="skqk-serve", version="0.1.0", lifespan=lifespan,
-                  summary="ReLU nets served as frozen PathSelector + retrainable Estimator")
+    # /docs and /redoc load Swagger UI / ReDoc from fastapi-offline's wheel (/static-offline-docs):
+    # they work on an offline or firewalled host, where the CDN FastAPI links by default is blank
+    app = FastAPIOffline(title="skqk-serve", version="0.1.0", lifespan=lifespan,
+                         summary="ReLU nets served as frozen PathSelector + retrainable Estimator")
     install_error_handlers(app)
     app.include_router(inference.router)
     app.include_router(explain.router)

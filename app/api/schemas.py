@@ -131,7 +131,8 @@ class PredictResponse(BaseModel):
 
 
 class IngestResponse(BaseModel):
-    accepted: int = Field(description="samples stored by this request (the first one, for a duplicate)")
+    accepted: int = Field(description="samples stored by this request (0 for a duplicate: the first "
+                                      "request with this idempotency_key stored them)")
     total_samples: int
     duplicate: bool = Field(description="true: this idempotency_key was stored before; nothing stored now")
 

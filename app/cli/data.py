@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from app.cli.common import console, fail, names, open_configured_store, safe_url
+from app.cli.common import (
+    EXIT_REFUSED,
+    EXIT_STATE,
+    console,
+    fail,
+    finite_json,
+    names,
+    open_configured_store,
+    safe_url,
+)
 
 
 def with_activation(arch: str, activation: str | None, input_shape: str | None) -> str:
@@ -107,7 +115,10 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
     with progress:
         def on_epoch(m: dict) -> None:
             score = (f"val_acc={m['val_acc']:.3f}" if "val_acc" in m else f"val_rmse={m['val_rmse']:.4g}")
-            progress.update(bar, completed=m["epoch"], info=f"{score} gate_flip={m.get('gate_flip', 0):.4f}")
+            # gates_changed: the share of ReLU on/off gates (training rows × hidden units) that flipped
+            # since the previous epoch; near 0 the structure has settled (docs/OPERATIONS.md)
+            progress.update(bar, completed=m["epoch"],
+                            info=f"{score} gates_changed={100 * m.get('gate_flip', 0):.2f}%")
         try:
             result = bootstrap_table(store, settings, table, arch, cfg, on_epoch, activate=True)
         except ValueError as exc:  # too few rows, a spec that does not fit the data, …
@@ -118,7 +129,7 @@ def init(dataset: str = typer.Option("digits", help="built-in data set: digits |
              f"holdout_rmse={metrics['holdout_rmse']:.4g} holdout_r2={metrics['holdout_r2']:.4f}")
     console.print(f"version {result.version} (active): {score} "
                   f"({elapsed:.1f}s, {metrics['epochs_run']} epochs) → {safe_url(store.url)}")
-    console.print_json(json.dumps(metrics))
+    console.print_json(finite_json(metrics))
     store.dispose()
 
 
@@ -161,28 +172,39 @@ def ingest(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="C
     settings, store = open_configured_store()
     active = store.active_version()
     if active is None:
-        fail("the store has no active model version: run `skqk init` (or `skqk serve`) first", 2)
+        store.dispose()
+        fail("the store has no active model version: run `skqk init` (or `skqk serve`) first", EXIT_STATE)
     record = store.get_version(active, weights=False)
     assert record is not None
     schema = schema_of(record)
     progress = _ingest_progress()
     bar = progress.add_task("ingest", total=None, rows=0, rate=0.0)
+
+    def on_chunk(p) -> None:  # IngestProgress, after each committed chunk
+        if not progress.live.is_started:  # drawn from the first commit on: a refusal draws no bar
+            progress.start()
+        total, done = ((p.total_rows, p.rows_read) if p.total_rows is not None else
+                       (file.stat().st_size, p.bytes_read or 0))
+        progress.update(bar, total=total, completed=done, rows=p.rows_read, rate=p.rows_per_s)
+
     try:
-        with progress:
-            def on_chunk(p) -> None:  # IngestProgress
-                total, done = ((p.total_rows, p.rows_read) if p.total_rows is not None else
-                               (file.stat().st_size, p.bytes_read or 0))
-                progress.update(bar, total=total, completed=done, rows=p.rows_read, rate=p.rows_per_s)
-            report = ingest_file(store, schema, file, names(label_column) or None, chunk_rows, start_row,
-                                 check_ranges=settings.input_range != "off", on_chunk=on_chunk)
+        report = ingest_file(store, schema, file, names(label_column) or None, chunk_rows, start_row,
+                             check_ranges=settings.input_range != "off", on_chunk=on_chunk)
+        if progress.live.is_started:  # the final figures, the same as the summary's
+            progress.update(bar, completed=progress.tasks[0].total, rows=report.rows_read,
+                            rate=report.rows_per_s)
     except FileIngestError as exc:
-        fail(str(exc), 1)
+        progress.stop()
+        fail(str(exc), EXIT_REFUSED)
     except ImportError as exc:
-        fail(f"reading data files needs the 'files' extra: pip install 'skqk-serve[files]' ({exc})", 2)
+        fail(f"reading data files needs the 'files' extra: pip install 'skqk-serve[files]' ({exc})",
+             EXIT_REFUSED)
     except KeyboardInterrupt:
+        progress.stop()
         fail("interrupted: every chunk committed so far is stored; run the same command again to "
-              "continue (stored chunks are skipped)", 130)
+             "continue (stored chunks are skipped)", 130)
     finally:
+        progress.stop()
         store.dispose()
     console.print(f"{report.rows_stored} rows stored, {report.rows_skipped} already stored (skipped), "
                   f"{report.chunks} chunks, {report.rows_per_s:,.0f} rows/s; store total "
@@ -193,5 +215,5 @@ def _ingest_progress() -> Progress:
     from rich.progress import TimeRemainingColumn
 
     return Progress(TextColumn("[bold]ingest"), BarColumn(), TextColumn("{task.fields[rows]:,} rows"),
-                    TextColumn("{task.fields[rate]:,.0f} rows/s"), TextColumn("ETA"), TimeRemainingColumn(),
-                    TimeElapsedColumn(), console=console, transient=False)
+                    TextColumn("{task.fields[rate]:,.0f} rows/s"), TextColumn("elapsed"), TimeElapsedColumn(),
+                    TextColumn("left"), TimeRemainingColumn(), console=console, transient=False)

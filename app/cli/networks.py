@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-from app.cli.common import console, fail, names, open_configured_store
+from app.cli.common import console, fail, finite_json, names, open_configured_store
 
 
 def import_model_command(model: Path = typer.Argument(..., exists=True, dir_okay=False,
@@ -36,14 +35,16 @@ def import_model_command(model: Path = typer.Argument(..., exists=True, dir_okay
     from app.core.features import SchemaError
     from app.intake.importing import ImportMismatch, import_model
     from app.intake.networks import UnsupportedModel
+    from app.intake.networks.torch_warnings import torch_deprecations_once
 
     shape = tuple(int(v) for v in names(input_shape)) if input_shape else None
     settings, store = open_configured_store()
     try:
-        result = import_model(store, settings, model, data, names(label_column) or None,
-                              names(features) if features else None, task,
-                              names(classes) if classes else None, shape, activate,
-                              strip_softmax=strip_softmax)
+        with torch_deprecations_once():  # torch's internal deprecations: once, not per call
+            result = import_model(store, settings, model, data, names(label_column) or None,
+                                  names(features) if features else None, task,
+                                  names(classes) if classes else None, shape, activate,
+                                  strip_softmax=strip_softmax)
     except (UnsupportedModel, ImportMismatch, SchemaError) as exc:
         fail(f"{model}: {exc}", 2)
     except ImportError as exc:  # onnx / onnxruntime / pyarrow not installed
@@ -57,7 +58,7 @@ def import_model_command(model: Path = typer.Argument(..., exists=True, dir_okay
                   f"{result.max_abs_diff:.3g}, {result.n_samples_stored} samples stored")
     for note in result.notes:
         console.print(f"  {note}")
-    console.print_json(json.dumps(result.metrics))
+    console.print_json(finite_json(result.metrics))
 
 
 def export(version: int = typer.Argument(..., help="model version"),

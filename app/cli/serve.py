@@ -22,6 +22,7 @@ def serve(host: str | None = typer.Option(None, help="bind address (SKQK_HOST, d
 
     from app.api.http_protocol import protocol_path
     from app.intake.bootstrap import ensure_bootstrapped
+    from app.serving.multiproc_metrics import prepare_workers
     from app.settings import get_settings, resolve_api_key
 
     for name, value in (("HOST", host), ("PORT", port), ("WORKERS", workers), ("DATA_DIR", data_dir),
@@ -43,10 +44,18 @@ def serve(host: str | None = typer.Option(None, help="bind address (SKQK_HOST, d
         fail(f"cannot bootstrap version 1: {exc}", 2)
     console.print(f"store {safe_url(store.url)}: active version {active}; admin key from {key_source}")
     store.dispose()
-    uvicorn.run("app.api.main:create_app", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level.lower(),
-                access_log=settings.access_log, timeout_graceful_shutdown=5,
-                http=protocol_path())  # uvicorn's protocol + SKQK_HEADER_TIMEOUT_S
+    # several workers: one /metrics scrape covers them all (app/serving/multiproc_metrics.py)
+    own_metrics_dir = prepare_workers(settings.workers)
+    try:
+        uvicorn.run("app.api.main:create_app", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.workers, log_level=settings.log_level.lower(),
+                    access_log=settings.access_log, timeout_graceful_shutdown=5,
+                    http=protocol_path())  # uvicorn's protocol + SKQK_HEADER_TIMEOUT_S
+    finally:
+        if own_metrics_dir:
+            import shutil
+
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
 
 
 def worker(queues: str = typer.Option("gpu", help="Celery queues to consume"),

@@ -82,8 +82,10 @@ def plot(groups: list[dict[str, Any]], path: Path, thresholds: DriftThresholds) 
         color = "tab:red" if g["volume_ratio"][0] > thresholds.volume_ratio else "tab:blue"
         ax.errorbar(g["rate_ratio"][0], 100 * g["gap"][0], yerr=100 * g["gap"][1],
                     fmt=markers.get(kind, "o"), color=color, ms=5, capsize=2, alpha=0.8)
-    ax.axvline(thresholds.rate_ratio, color="grey", ls="--", lw=1)
-    ax.axhline(0, color="black", lw=0.6)
+    ax.axvline(thresholds.rate_ratio, color="grey", ls="--", lw=1,
+               label=f"rule: full when rate_ratio > {thresholds.rate_ratio}")
+    ax.axhline(0, color="black", lw=0.6, label="QK = full warm")
+    ax.legend(loc="lower left")
     ax.set_xscale("log")
     ax.set_xlabel("firing-rate ratio (new vs reference, 1 = same distribution)")
     ax.set_ylabel("QK − full warm (points)")

@@ -40,10 +40,14 @@ class IngestProgress:
     total_rows: int | None = None  # Parquet/NPZ: known up front
     started: float = 0.0
     total_samples: int = 0  # store-wide sample count after the last commit
+    ended: float | None = None  # set when the import is over: the rate stops moving
 
     @property
     def rows_per_s(self) -> float:
-        return self.rows_read / max(time.perf_counter() - self.started, 1e-9)
+        """Rows handled per second since the start, up to the last commit (or the end): the bar
+        and the summary show the same figure."""
+        end = self.ended if self.ended is not None else time.perf_counter()
+        return self.rows_read / max(end - self.started, 1e-9)
 
 
 def ingest_file(store: Store, schema: FeatureSchema, path: Path, label_columns: list[str] | None = None,
@@ -88,6 +92,7 @@ def ingest_file(store: Store, schema: FeatureSchema, path: Path, label_columns: 
                 on_chunk(progress)
     except (DataFileError, SchemaError) as exc:
         raise FileIngestError(_resume_message(str(exc), path, progress, start_row)) from None
+    progress.ended = time.perf_counter()
     return progress
 
 

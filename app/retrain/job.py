@@ -62,7 +62,7 @@ from app.core.training import TrainConfig, TrainingCancelled, TrainResult, train
 from app.retrain.cached_features import CachedFeatures, FeaturePass
 from app.retrain.feature_cache import feature_key
 from app.retrain.holdout_snapshot import HoldoutRows, check_evaluated, window_ids_with_holdout
-from app.retrain.qk_refit import budget_weights, refit_readout
+from app.retrain.qk_refit import budget_weights, refit_readout, refit_summary
 from app.retrain.refresh_step import choose_mode, run_refresh
 from app.retrain.sample_stream import HOLDOUT, TRAIN, VAL, DataWindow, block_rows, retention_floor
 from app.retrain.solver_progress import full_epoch_reporter
@@ -329,6 +329,7 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
         log.info("retrain %s: mode %s (%s)", job_id, mode, mode_reason)
 
         t_train = time.perf_counter()
+        refit: dict[str, Any] | None = None  # qk: exact or sampled (app/retrain/qk_refit.py)
         refresh_info = None
         if mode == "refresh":
             candidate, train_result, refresh_info = run_refresh(store, settings, window, block_ids, ids,
@@ -348,6 +349,8 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
                        **{k: m[k] for k in ("train_loss", "val_loss", "val_acc") if k in m})
 
             weights = budget_weights(ids, roles, seen, settings.retrain_refit_max_rows)
+            refit = refit_summary(weights, roles, settings.retrain_refit_max_rows)
+            report(phase="refit", refit=refit["kind"])
             train_result = refit_readout(candidate, features, cfg, weights, on_refit, should_cancel)
             train_result.structure_s = features.stats.seconds
             streamed = features.streamed
@@ -420,6 +423,7 @@ def _run(store: Store, settings: Settings, job_id: str, mode: str,
             "tolerance": settings.promotion_tolerance, "data_watermark": watermark,
             "retention_floor": floor, "new_samples": new_samples, **sizes, **_solver_summary(train_result),
             "drift": drift, "refresh": refresh_info, "feature_cache": cache_stats, "streamed": streamed,
+            "refit": refit, "torch_threads": torch.get_num_threads(),  # floats depend on it
             "timings": {"train_s": train_s, "structure_s": train_result.structure_s,
                         "eval_s": eval_s, "total_s": total_s}}
 

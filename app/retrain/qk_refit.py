@@ -5,10 +5,14 @@ gradient epochs), but Φ comes from :class:`~app.retrain.cached_features.CachedF
 solvers of :mod:`app.core.qk_stream` pass over it chunk by chunk: warm-started from the
 champion's readout, early-stopped on the validation loss, and kept only if that loss improved.
 
-``SKQK_RETRAIN_REFIT_MAX_ROWS`` (0 = off) bounds a refit's rows on a very large store: every
-new row (id above the champion's watermark) stays, old rows are kept by a hash of their id
-with probability p and weighted 1/p, so the objective is an unbiased estimate of the full one
-and the same rows are drawn every time (deterministic, like the splits).
+``SKQK_RETRAIN_REFIT_MAX_ROWS`` (default 200,000; 0 = always exact) bounds a refit's rows once
+the training window is larger: every new row (id above the champion's watermark) stays, old
+rows are kept by a hash of their id with probability p and weighted 1/p, so the objective is an
+unbiased estimate of the full one and the same rows are drawn every time (deterministic, like
+the splits). The refit starts from the champion's readout, which the old rows already shaped,
+so a sample of them is enough to keep it there: the cost follows the new data, not the store
+(bench/scale.py: the time and the holdout accuracy of both, docs/BENCHMARKS.md). Below the bound
+the refit is exact (every row, weight 1). The job result's ``refit`` says which ran.
 """
 
 from __future__ import annotations
@@ -46,14 +50,30 @@ def budget_weights(ids: np.ndarray, roles: np.ndarray, watermark: int | None,
     p = min(1.0, max(max_rows - n_new, max_rows // 2) / n_old)
     threshold = np.uint64(int(p * _SCALE))
 
-    return RefitSample(p, threshold, watermark or 0)
+    return RefitSample(p, threshold, watermark or 0, n_new=n_new, n_old=n_old)
+
+
+def refit_summary(weights: RefitSample | None, roles: np.ndarray, max_rows: int) -> dict[str, Any]:
+    """What the job result says about its refit: ``exact`` (every training row) or ``sampled``."""
+    n_train = int((roles == TRAIN).sum())
+    if weights is None:
+        why = ("SKQK_RETRAIN_REFIT_MAX_ROWS=0" if max_rows <= 0
+               else f"{n_train} training rows <= SKQK_RETRAIN_REFIT_MAX_ROWS={max_rows}")
+        return {"kind": "exact", "train_rows": n_train, "max_rows": max_rows, "reason": why}
+    return {"kind": "sampled", "train_rows": n_train, "max_rows": max_rows, "new_rows": weights.n_new,
+            "old_rows": weights.n_old, "old_fraction": round(weights.p, 6),
+            "expected_rows": round(weights.n_new + weights.p * weights.n_old),
+            "reason": f"{n_train} training rows > SKQK_RETRAIN_REFIT_MAX_ROWS={max_rows}: every new row, "
+                      f"old ones id-hashed at p={weights.p:.4f} weighted 1/p, warm start from the champion"}
 
 
 class RefitSample:
     """Weights of the refit budget: new rows 1, old rows kept by id hash (probability p) at 1/p."""
 
-    def __init__(self, p: float, threshold: np.uint64, watermark: int) -> None:
+    def __init__(self, p: float, threshold: np.uint64, watermark: int, n_new: int = 0,
+                 n_old: int = 0) -> None:
         self.p, self.threshold, self.watermark = p, threshold, watermark
+        self.n_new, self.n_old = n_new, n_old
 
     def __call__(self, block_ids: np.ndarray) -> np.ndarray:
         kept = (mix(block_ids ^ _SALT) % np.uint64(_SCALE)) < self.threshold

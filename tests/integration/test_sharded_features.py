@@ -3,8 +3,6 @@ candidate one process computes alone."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -23,12 +21,6 @@ from tests.integration.conftest import initialised_deployment, wait_until
 pytestmark = pytest.mark.integration
 
 DIGITS = load_digits()
-
-
-def _fresh_process_threads() -> int:
-    code = "import torch; print(torch.get_num_threads())"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(done.stdout)
 
 
 def test_two_workers_share_the_feature_pass_and_match_one(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -64,10 +56,10 @@ def test_two_workers_share_the_feature_pass_and_match_one(tmp_path_factory: pyte
                                  retrain_memory_mb=1, feature_cache_dir=workdir / "alone-features")
         alone_id = f"alone-{uuid.uuid4().hex[:8]}"
         store.create_job(alone_id, "qk", "test")
-        # float sums depend on the thread count, and an app started earlier in this process may
-        # have set it to 1: compute at the workers' count (what a fresh process gets)
+        # float sums depend on the thread count: compute at the workers' (SKQK_RETRAIN_THREADS)
         threads = torch.get_num_threads()
-        torch.set_num_threads(_fresh_process_threads())
+        assert sharded["torch_threads"] == int(dep.env["SKQK_RETRAIN_THREADS"])
+        torch.set_num_threads(sharded["torch_threads"])
         try:
             alone = run_retrain_job(store, settings, alone_id, "qk")
         finally:

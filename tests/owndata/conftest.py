@@ -18,8 +18,11 @@ INIT_FAST = ("--arch", "mlp:32-32", "--epochs", "8", "--device", "cpu")
 
 def skqk(data_dir: Path, *args: str, timeout: float = 300, **env: Any) -> subprocess.CompletedProcess[str]:
     """Run ``python -m app.cli ARGS`` against ``data_dir``'s store; output captured as text."""
+    columns = env.pop("COLUMNS", "200")  # None: leave it unset (rich's default, 80, when not a terminal)
     environ = fast_env(data_dir, **{f"SKQK_{k.upper()}": v for k, v in env.items()})
-    environ["COLUMNS"] = "200"  # rich wraps long messages at the terminal width
+    environ.pop("COLUMNS", None)
+    if columns is not None:
+        environ["COLUMNS"] = columns  # rich wraps long messages at the terminal width
     return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, env=environ,
                           capture_output=True, text=True, timeout=timeout, check=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -123,7 +124,7 @@ def test_bad_row_stops_with_row_and_column_and_resumes(cancer_store: Path, tmp_p
     bad = _with_value(table, column, 2345, value)
     path = write_csv(bad, tmp_path / "more.csv")
     run = skqk(cancer_store, "ingest", str(path), "--chunk-rows", "1000")
-    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.returncode == 2, run.stdout + run.stderr  # refused input: 2, as `skqk init` (was 1)
     message = " ".join(run.stdout.split())
     assert "row 2345" in message and f"'{column}'" in message and reason in message, message
     assert "--start-row 2001" in message
@@ -143,7 +144,7 @@ def test_wrong_field_count_names_the_row(cancer_store: Path, tmp_path: Path) -> 
     lines[1500] = lines[1500].rsplit(",", 2)[0]  # data row 1500 loses two fields
     path.write_text("\n".join(lines) + "\n")
     run = skqk(cancer_store, "ingest", str(path), "--chunk-rows", "1000")
-    assert run.returncode == 1
+    assert run.returncode == 2
     message = " ".join(run.stdout.split())
     assert "row 1500" in message and "--start-row 1001" in message, message
     assert sample_count(cancer_store) == N_INIT + 1000
@@ -153,8 +154,36 @@ def test_missing_column_is_named_and_nothing_stored(cancer_store: Path, tmp_path
     table = more_rows(100, seed=4).drop(["mean radius"])
     path = write_csv(table, tmp_path / "more.csv")
     run = skqk(cancer_store, "ingest", str(path))
-    assert run.returncode == 1 and "mean radius" in run.stdout
+    assert run.returncode == 2 and "mean radius" in run.stdout
+    assert "rows/s" not in run.stdout and "━" not in run.stdout  # refused before any chunk: no bar drawn
     assert sample_count(cancer_store) == N_INIT
+
+
+def test_progress_labels_its_times_and_agrees_with_the_summary(cancer_store: Path, tmp_path: Path) -> None:
+    path = write_csv(more_rows(3000, seed=8), tmp_path / ("a-rather-long-file-name-" + "x" * 60 + ".csv"))
+    run = skqk(cancer_store, "ingest", str(path), "--chunk-rows", "1000", COLUMNS=None)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    bar = [ln for ln in lines if ln.startswith("ingest")][-1]
+    assert "elapsed" in bar and "left" in bar, bar
+    summary = next(ln for ln in lines if "rows stored" in ln)
+    rate = re.search(r"([\d,]+) rows/s", summary).group(1)
+    assert f"{rate} rows/s" in bar, (bar, summary)  # the same figure, not another one
+    # not a terminal: nothing wraps at 80 columns (no COLUMNS set), so long lines stay whole
+    assert len(summary) > 80 and "rows/s; store total" in summary
+
+
+def test_refusals_share_one_exit_code_convention(cancer_store: Path, tmp_path: Path, data_dir: Path) -> None:
+    """2: the input is refused (bad option, file or data); 1: the store's state stops it."""
+    bad = write_csv(more_rows(10, seed=9).drop(["mean radius"]), tmp_path / "bad.csv")
+    assert skqk(cancer_store, "ingest", str(bad)).returncode == 2
+    again = skqk(cancer_store, "init", "--data", str(bad), "--label-column", "diagnosis", *INIT_FAST)
+    assert again.returncode == 1 and "--force" in again.stdout  # a store with versions: state
+    empty = tmp_path / "empty"
+    assert skqk(empty, "ingest", str(bad)).returncode == 1  # no active version: state
+    short = write_csv(more_rows(5, seed=10), tmp_path / "short.csv")  # too few rows to train on
+    assert skqk(tmp_path / "empty2", "init", "--data", str(short), "--label-column", "diagnosis",
+                *INIT_FAST).returncode == 2
 
 
 def test_npz_ingest_by_position(cancer_store: Path, tmp_path: Path) -> None:

@@ -3,8 +3,11 @@ rows → QK retrain (ridge readout) → promoted on holdout RMSE → predictions
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.helpers.server import API_KEY, ServerProcess, fast_env, wait_job
 from tests.owndata.conftest import INIT_FAST, regression_table, skqk, write_csv
@@ -18,6 +21,11 @@ def test_regression_init_ingest_retrain_promote(data_dir: Path, tmp_path: Path) 
                *INIT_FAST)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "holdout_rmse=" in run.stdout
+    # the summary is valid JSON: no accuracy for regression is null, not NaN (json.loads takes
+    # NaN, so parse strictly)
+    summary = run.stdout[run.stdout.index("{"):]
+    metrics = json.loads(summary, parse_constant=lambda c: pytest.fail(f"not JSON: {c} in {summary}"))
+    assert metrics["holdout_rmse"] > 0 and metrics.get("best_val_acc", None) is None
 
     new = regression_table(800, seed=1, shift=1.5)  # the plant drifted: both targets 1.5 higher
     features = [f"sensor_{i}" for i in range(6)]

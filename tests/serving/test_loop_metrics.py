@@ -45,3 +45,40 @@ def test_loop_gauge_is_read_when_scraped() -> None:
     gauge.value += 5
     gauge.value -= 2
     assert _samples(ours) == _samples(theirs)
+
+
+def test_shared_loop_metrics_sum_over_processes(tmp_path) -> None:
+    """Multiprocess mode: each process's lock-free file; a scrape sums them like a Histogram."""
+    from app.serving.loop_metrics import SharedLoopGauge
+    from app.serving.multiproc_metrics import SlotFile, replica_registry
+
+    theirs = CollectorRegistry()
+    ref = Histogram("h_seconds", "doc", ["route"], buckets=BUCKETS, registry=theirs)
+    gauges = []
+    for pid, values in ((101, VALUES), (102, VALUES[:4])):  # two "processes", each its own files
+        loop = LoopHistogram("h_seconds", "doc", ["route"], BUCKETS, registry=CollectorRegistry(),
+                             shared=SlotFile(str(tmp_path / f"histogram_loop_{pid}.db")))
+        gauge = SharedLoopGauge("g", "doc", SlotFile(str(tmp_path / f"gauge_livesum_loop{pid}.db")))
+        for v in values:
+            ref.labels("/a").observe(v)
+            loop.labels("/a").observe(v)
+            gauge.value += 1
+        gauge.value -= 1
+        gauges.append(gauge)
+    ours = replica_registry(str(tmp_path))
+    assert {k: v for k, v in _samples(ours).items() if k[0] != "g"} == _samples(theirs)
+    assert _samples(ours)[("g", frozenset())] == len(VALUES) - 1 + 4 - 1
+    assert sum(loop.labels("/a").counts) == 4 and loop.labels("/a").total == sum(VALUES[:4])
+
+
+def test_dead_processes_leave_the_live_gauges(tmp_path) -> None:
+    import os
+
+    from app.serving.loop_metrics import SharedLoopGauge
+    from app.serving.multiproc_metrics import SlotFile, forget_dead_processes, replica_registry
+
+    dead = 2**22 + 12345  # above the usual pid_max: no such process
+    for pid in (os.getpid(), dead):
+        SharedLoopGauge("g", "doc", SlotFile(str(tmp_path / f"gauge_livesum_loop{pid}.db"))).value = 2
+    assert forget_dead_processes(str(tmp_path)) == [dead]
+    assert _samples(replica_registry(str(tmp_path)))[("g", frozenset())] == 2
