@@ -65,7 +65,8 @@ def test_ingest_retrain_promote_predict(server_factory) -> None:
         gauges = dict(line.rsplit(" ", 1) for line in c.get("/metrics").text.splitlines()
                       if line.startswith("skqk_structural_drift{") or line.startswith("skqk_drift_"))
         assert float(gauges['skqk_structural_drift{signal="nn_ratio"}']) == pytest.approx(drift["nn_ratio"])
-        assert float(gauges["skqk_drift_recommend_full"]) == float(drift["recommend_full"])
+        (recommend,) = [v for k, v in gauges.items() if k.startswith("skqk_drift_recommend_full{")]
+        assert float(recommend) == float(drift["recommend_full"])
 
         # the runner refreshes this replica right after promotion
         deadline = time.monotonic() + 10

@@ -52,7 +52,7 @@ def test_ingest_of_a_200mb_line_exits_cleanly(long_line_csv: Path, template_data
     data_dir = copy_store(template_data_dir, tmp_path / "data")
     run = skqk(data_dir, "ingest", str(long_line_csv), "--label-column", "label")
     out = run.stdout + run.stderr
-    assert run.returncode == 1, (run.returncode, out[-2000:])
+    assert run.returncode == 2, (run.returncode, out[-2000:])  # refused input (docs/OPERATIONS.md)
     assert "terminate called" not in out
 
 
@@ -69,5 +69,5 @@ def test_a_100k_column_file_is_checked_quickly_and_listed_short(wide_csv: Path, 
     store = copy_store(template_data_dir, tmp_path / "ingest")
     run = skqk(store, "ingest", str(wide_csv), "--label-column", "label", timeout=240)
     out = run.stdout + run.stderr
-    assert run.returncode == 1
+    assert run.returncode == 2  # refused input
     assert "more)" in out and len(out) < 20_000, f"{len(out)} bytes of output"

@@ -35,7 +35,10 @@ def test_relu_versions_load_with_identical_outputs_and_structure(tmp_path: Path)
             model, _ = load_model(store, int(version))
             assert model.selector.layout.single_bit  # plain ReLU: one bit per unit, as before
             with torch.no_grad():
-                assert torch.equal(model(probe), torch.tensor(want["outputs"], dtype=torch.float32))
+                # equal up to float32 summation order (torch's thread count, which an earlier test in
+                # the same process may have changed, reorders the sums); the gates below are bitwise
+                torch.testing.assert_close(model(probe), torch.tensor(want["outputs"], dtype=torch.float32),
+                                           rtol=1e-6, atol=1e-6)
             packed = model.selector.packed_structure(probe)
             assert packed.segments is None
             assert packed.gate_bits.numpy().tobytes().hex() == want["gate_bits"]
