@@ -34,7 +34,7 @@ from app.api.v2_binary import (
     names_bytes,
     split_body,
 )
-from app.api.v2_table import input_metadata, v2_table_rows
+from app.api.v2_table import input_metadata, tensors_by_name, v2_table_rows
 from app.core.features import FeatureSchema, SchemaError
 from app.serving.batcher import Float32Overflow, InferenceResult
 from app.serving.holder import LoadedModel
@@ -361,12 +361,7 @@ def _feature_column(tensor: V2Tensor, i: int, raw: memoryview | None) -> list[An
 
 def _feature_tensors(tensors: list[V2Tensor], schema: FeatureSchema, raw: Raw) -> np.ndarray:
     """Named features: one tensor per feature name, all with the same number of rows."""
-    by_name: dict[str, int] = {}
-    for i, t in enumerate(tensors):
-        if t.name in by_name:
-            raise ApiError(422, f"inputs[{i}].name: feature {t.name!r} is given twice "
-                                f"(also inputs[{by_name[t.name]}])")
-        by_name[t.name] = i
+    by_name = tensors_by_name(tensors)
     try:
         order: list[int] = schema.row_from_object(by_name, "inputs")
     except SchemaError as exc:

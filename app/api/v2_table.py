@@ -31,13 +31,19 @@ def input_metadata(schema: FeatureSchema) -> list[dict[str, Any]]:
              "parameters": {"type": c.kind, "optional": c.missing}} for c in schema.encoding.columns]
 
 
-def v2_table_rows(tensors: list[V2Tensor], schema: FeatureSchema, raw: list[memoryview | None]) -> TableRows:
+def tensors_by_name(tensors: list[V2Tensor]) -> dict[str, int]:
+    """Feature name → its tensor's position; a name given twice is a 422."""
     by_name: dict[str, int] = {}
     for i, t in enumerate(tensors):
         if t.name in by_name:
             raise ApiError(422, f"inputs[{i}].name: feature {t.name!r} is given twice "
                                 f"(also inputs[{by_name[t.name]}])")
         by_name[t.name] = i
+    return by_name
+
+
+def v2_table_rows(tensors: list[V2Tensor], schema: FeatureSchema, raw: list[memoryview | None]) -> TableRows:
+    by_name = tensors_by_name(tensors)
     try:
         schema.row_from_object(by_name, "inputs")  # unknown or required-but-absent names
     except SchemaError as exc:
