@@ -35,6 +35,17 @@ def _scrape(client: httpx.Client) -> dict[str, float]:
     return {k: float(v) for k, v in re.findall(r"^(skqk_\S+) (\S+)$", r.text, re.M)}
 
 
+def _post_when_loaded(client: httpx.Client, path: str, body: dict) -> httpx.Response:
+    """POST, retrying (as a client honouring Retry-After would) while this connection's worker is
+    still loading its model: the server is ready once one worker is, the other may follow later."""
+    deadline = time.monotonic() + 120
+    while True:
+        r = client.post(path, json=body)
+        if r.status_code != 503 or "no model loaded yet" not in r.text or time.monotonic() > deadline:
+            return r
+        time.sleep(0.2)
+
+
 def test_counters_add_up_over_workers(bootstrapped_dir: Path, tmp_path: Path) -> None:
     metrics_dir = tmp_path / "prom"  # the operator's own directory (else the CLI makes a temp one)
     env = fast_env(bootstrapped_dir, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
@@ -50,7 +61,7 @@ def test_counters_add_up_over_workers(bootstrapped_dir: Path, tmp_path: Path) ->
         def load(t: int) -> None:
             with server.client() as c:  # one connection per thread: the kernel spreads them over workers
                 for i in range(per_thread):
-                    r = c.post("/predict", json={"inputs": X[i: i + 2].tolist()})
+                    r = _post_when_loaded(c, "/predict", {"inputs": X[i: i + 2].tolist()})
                     assert r.status_code == 200, r.text
                     with lock:
                         sent["predict"] += 1
@@ -58,7 +69,7 @@ def test_counters_add_up_over_workers(bootstrapped_dir: Path, tmp_path: Path) ->
                         first = (t * per_thread + i) % 1500
                         samples = [{"features": X[j].tolist(), "label": int(DIGITS.target[j])}
                                    for j in range(first, first + rows_per_ingest)]
-                        r = c.post("/ingest", json={"samples": samples})
+                        r = _post_when_loaded(c, "/ingest", {"samples": samples})
                         assert r.status_code == 200, r.text
                         with lock:
                             sent["ingest"] += 1
