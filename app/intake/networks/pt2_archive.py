@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -88,3 +91,21 @@ def checked_archive(path: str | Path) -> io.BytesIO:
         except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as e:  # e.g. a CRC mismatch
             raise UnsupportedModel(f"entry {name!r} is unreadable ({e})") from None
     return io.BytesIO(data)
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` in this block is weights-only, even one torch calls with
+    ``weights_only=False`` (its fallback after a failed safe load): the second line of defence
+    behind :func:`checked_archive`, so a check this module misses still cannot run code."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
+                                                  "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # read by torch.load at each call
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -705,11 +705,12 @@ def import_pt2(path: str | Path, input_shape: tuple[int, ...] | None = None,
 
 
 def _load(path: str | Path) -> torch.export.ExportedProgram:
-    from app.intake.networks.pt2_archive import checked_archive
+    from app.intake.networks.pt2_archive import checked_archive, weights_only_loads
 
     archive = checked_archive(path)  # raises UnsupportedModel before torch unpickles anything
     try:
-        return torch.export.load(archive)
+        with weights_only_loads():
+            return torch.export.load(archive)
     except Exception as e:  # a corrupt or foreign file: say so, with the cause
         raise UnsupportedModel(f"{Path(path).name}: not a torch.export program ({e})") from None
 
