@@ -225,12 +225,17 @@ def _float_class_labels(col: pa.ChunkedArray, name: str, order: int) -> np.ndarr
     return vals.astype(np.int64)
 
 
-def _text_labels(col: pa.ChunkedArray, name: str, order: int) -> pa.ChunkedArray:
+def utf8_column(col: pa.ChunkedArray, name: str, order: int) -> pa.ChunkedArray:
+    """The column as UTF-8 text; the first value that is not is a BadValue naming it."""
     try:
-        col = _utf8(col)
+        return _utf8(col)
     except pa.ArrowInvalid:
         i = first_failing(col, _utf8)
         raise BadValue(i, order, name, f"{describe(col[i].as_py())} is not valid UTF-8") from None
+
+
+def _text_labels(col: pa.ChunkedArray, name: str, order: int) -> pa.ChunkedArray:
+    col = utf8_column(col, name, order)
     _missing(col, name, order)
     empty = numpy_of(pc.utf8_length(pc.utf8_trim(col, _TRIM))) == 0
     if empty.any():

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from app.core.encoding import FALSE_TEXT, MISSING_TEXT, TRUE_TEXT, EncodingError, parse_values
 from app.intake.files.base import BadValue, describe
-from app.intake.files.columns import _plain, _utf8, first_failing, is_text, numpy_of
+from app.intake.files.columns import _plain, first_failing, is_text, numpy_of, utf8_column
 
 _TRIM = " \t"
 
@@ -29,12 +29,7 @@ def _value_set(words: frozenset[str]) -> pa.Array:
 
 def _text(col: pa.ChunkedArray, name: str, order: int) -> pa.ChunkedArray:
     """UTF-8 text, trimmed, with the missing words as nulls."""
-    try:
-        col = _utf8(col)
-    except pa.ArrowInvalid:
-        i = first_failing(col, _utf8)
-        raise BadValue(i, order, name, f"{describe(col[i].as_py())} is not valid UTF-8") from None
-    col = pc.utf8_trim(col, _TRIM)
+    col = pc.utf8_trim(utf8_column(col, name, order), _TRIM)
     missing = pc.is_in(pc.utf8_lower(col), value_set=_value_set(MISSING_TEXT))
     return pc.if_else(missing, pa.scalar(None, pa.string()), col)
 
